@@ -1,0 +1,1 @@
+"""Gradio chat demo; a client of keye's public API."""

@@ -1,0 +1,6 @@
+"""Video and image in, vision tokens out.
+
+`keye.encoders` turns files into frames (``video``, ``image``), frames into patches and patch features (``vision``),
+and decides how many tokens each frame may cost (Slow-Fast selection, DynTok, Clapper). It knows nothing of the
+language model, the chat template or the CLI.
+"""

@@ -1,0 +1,1 @@
+"""Benchmark harness (Video-MME, MLVU, synthetic); a client of keye's public API."""

@@ -1,0 +1,135 @@
+"""Multi-turn chat over images and videos, with streaming and a KV cache kept across turns.
+
+A `ChatSession` holds the token ids, M-RoPE positions and KV cache of the conversation so far. Each new turn
+tokenizes only the new user message (and encodes only its new images/videos); the earlier turns, videos included,
+stay in the cache, so a second question about the same video does not run the vision tower again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, TextIteratorStreamer
+
+from keye.modeling import KeyeForConditionalGeneration
+from keye.processing import KeyeProcessor, VideoInput
+
+
+@dataclass
+class Reply:
+    text: str
+    num_tokens: int
+    prompt_tokens: int
+    videos: list[VideoInput] = field(default_factory=list)
+
+
+class ChatSession:
+    """A conversation with one model. ``ask`` adds a user turn and returns (or streams) the assistant's reply."""
+
+    def __init__(
+        self,
+        model: KeyeForConditionalGeneration,
+        processor: KeyeProcessor,
+        *,
+        think: bool | None = None,
+        system: str | None = None,
+        **video_overrides,
+    ):
+        self.model = model
+        self.processor = processor
+        self.think = think
+        self.video_overrides = video_overrides
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.ids = torch.zeros(1, 0, dtype=torch.long)  # (1, T) everything the cache holds, generated tokens too
+        self.positions = torch.zeros(3, 1, 0, dtype=torch.long)  # (3, 1, T)
+        self.cache = DynamicCache(config=model.config.text_config)
+        self.videos: list[VideoInput] = []
+        self.last_reply: Reply | None = None
+
+    def _new_turn_inputs(self, content: list[dict]):
+        """Tokens of the new user turn (+ generation prompt), positions continuing after the conversation so far."""
+        turn = [{"role": "user", "content": content}]
+        if not self.ids.shape[1]:
+            turn = self.messages + turn
+        inputs = self.processor(turn, think=self.think, **self.video_overrides)
+        ids, pos = inputs["input_ids"], inputs["position_ids"]
+        if self.ids.shape[1]:
+            # Close the previous assistant turn exactly as a full re-render of the conversation would.
+            eos = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            closing = [eos] if self.ids[0, -1].item() != eos else []
+            closing = torch.tensor([closing + self.processor.tokenizer("\n", add_special_tokens=False)["input_ids"]])
+            ids = torch.cat([closing, ids], dim=1)
+            pos = torch.cat([torch.arange(closing.shape[1]).expand(3, 1, -1), pos + closing.shape[1]], dim=2)
+            pos = pos + int(self.positions.max()) + 1
+        return inputs, ids, pos
+
+    def _generate_kwargs(self, content, max_new_tokens, gen_kwargs):
+        inputs, new_ids, new_pos = self._new_turn_inputs(content)
+        device = self.model.device
+        ids = torch.cat([self.ids, new_ids], dim=1)
+        pos = torch.cat([self.positions, new_pos], dim=2)
+        kwargs = dict(
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
+            position_ids=pos.to(device),
+            cache=self.cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            **gen_kwargs,
+        )
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            if key in inputs:
+                kwargs[key] = inputs[key].to(device)
+        return inputs, kwargs
+
+    def _finish(self, kwargs, out_ids: torch.Tensor, inputs, content) -> Reply:
+        prompt_len = kwargs["input_ids"].shape[1]
+        new_tokens = out_ids[:, prompt_len:].cpu()
+        n = new_tokens.shape[1]
+        start = int(kwargs["position_ids"].max()) + 1
+        self.ids = torch.cat([kwargs["input_ids"].cpu(), new_tokens], dim=1)
+        self.positions = torch.cat([kwargs["position_ids"].cpu(), torch.arange(start, start + n).expand(3, 1, -1)], 2)
+        text = self.processor.decode(new_tokens[0], skip_special_tokens=True).strip()
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": text}]
+        self.videos += inputs.videos
+        self.last_reply = Reply(text=text, num_tokens=n, prompt_tokens=prompt_len, videos=inputs.videos)
+        return self.last_reply
+
+    @staticmethod
+    def _content(text: str, images, videos) -> list[dict]:
+        parts = [{"type": "video", "video": v} for v in videos] + [{"type": "image", "image": i} for i in images]
+        return parts + [{"type": "text", "text": text}]
+
+    @torch.inference_mode()
+    def ask(self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs) -> Reply:
+        """Ask and wait for the whole reply."""
+        content = self._content(text, images, videos)
+        inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
+        out = self.model.generate(**kwargs)
+        return self._finish(kwargs, out, inputs, content)
+
+    def stream(self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs) -> Iterator[str]:
+        """Ask and yield the reply's text as it is generated; ``last_reply`` holds the whole reply afterwards."""
+        content = self._content(text, images, videos)
+        inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    result["out"] = self.model.generate(**kwargs, streamer=streamer)
+            except BaseException as e:  # re-raised in the caller's thread below
+                result["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        self._finish(kwargs, result["out"], inputs, content)

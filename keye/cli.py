@@ -1,0 +1,192 @@
+"""The ``keye`` command line: the one place that wires every layer together.
+
+Each subcommand imports its layer lazily inside its handler, so ``keye --help`` stays fast. Bad input (a missing or
+corrupt file, a prompt longer than the context) prints one line naming the input and exits with status 2; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def _check_files(paths: list[str], kind: str) -> None:
+    from keye.errors import ImageLoadError, VideoDecodeError
+
+    error = VideoDecodeError if kind == "video" else ImageLoadError
+    for p in paths:
+        if not Path(p).exists():
+            raise error(p, "no such file")
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def _chat(args) -> int:
+    _check_files(args.video, "video")
+    _check_files(args.image, "image")
+    from keye import load_pretrained
+    from keye.chat import ChatSession
+
+    model, processor = load_pretrained(args.model)
+    overrides = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
+    if args.token_budget is not None:
+        overrides["token_budget"] = args.token_budget
+    session = ChatSession(model, processor, think=args.think, **overrides)
+    gen = {"max_new_tokens": args.max_new_tokens}
+
+    def turn(text: str, images=(), videos=()) -> None:
+        if args.stream:
+            for piece in session.stream(text, images=images, videos=videos, **gen):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(session.ask(text, images=images, videos=videos, **gen).text)
+
+    if args.prompt is not None:
+        turn(args.prompt, args.image, args.video)
+        return 0
+    media = {"images": args.image, "videos": args.video}
+    print(f"keye chat with {args.model}; empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        turn(text, **media)
+        media = {"images": (), "videos": ()}  # media go with the first turn; later turns reuse the KV cache
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ info
+def _info(args) -> int:
+    import torch
+    import transformers
+
+    import keye
+    from keye.pretrained import _tiny_cache_dir, smollm2_gguf
+    from transformers.utils.import_utils import is_flash_attn_2_available
+
+    try:
+        import decord  # noqa: F401
+
+        decoder = "decord (PyAV fallback)"
+    except ImportError:
+        decoder = "PyAV (decord not installed)"
+    cuda = torch.cuda.is_available()
+    try:
+        gguf = str(smollm2_gguf())
+    except FileNotFoundError as e:
+        gguf = f"missing: {e}"
+    info = {
+        "keye": keye.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "attention": "flash_attention_2" if cuda and is_flash_attn_2_available() else "sdpa",
+        "video_decoder": decoder,
+        "default_model": "keye-tiny",
+        "keye_tiny_cache": str(_tiny_cache_dir()),
+        "keye_tiny_built": (_tiny_cache_dir() / "config.json").exists(),
+        "smollm2_gguf": gguf,
+    }
+    try:
+        from keye.tools.sandbox import isolation_report
+
+        info["sandbox"] = isolation_report()
+    except ImportError:
+        info["sandbox"] = "unavailable"
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for k, v in info.items():
+            print(f"{k:18s} {v}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def _convert(args) -> int:
+    from keye.convert import from_keye, to_keye
+
+    report = from_keye(args.from_keye, args.out) if args.from_keye else to_keye(args.to_keye, args.out)
+    print(f"wrote {report['tensors']} tensors to {args.out}")
+    if report["dropped"]:
+        print(f"dropped {len(report['dropped'])} unused tensors: {', '.join(report['dropped'][:4])} ...")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keye", description="Keye-VL-style video-language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="ask questions about videos and images")
+    p.add_argument("--model", default="keye-tiny", help="model name or folder (default: keye-tiny)")
+    p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--prompt", help="ask once and exit; without it, an interactive multi-turn session")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None, help="reasoning mode (/think)")
+    think.add_argument("--no-think", dest="think", action="store_false", help="answer directly (/no_think)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="stream tokens as generated")
+    p.add_argument("--fps", type=float, help="video sampling rate (default: the model's, at most 2)")
+    p.add_argument("--max-frames", type=int, help="cap on sampled frames")
+    p.add_argument("--token-budget", type=int, help="vision token budget per video")
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("info", help="versions, device, attention backend, default model location")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("convert", help="convert to or from the official Keye-VL-1.5 checkpoint layout")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-keye", metavar="DIR", help="official Keye-VL-1.5 folder -> keye folder")
+    src.add_argument("--to-keye", metavar="DIR", help="keye folder -> official Keye-VL-1.5 layout")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=_convert)
+
+    for module in ("keye.frames_cli", "keye.tools.cli", "keye.eval.cli"):
+        try:
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+        except ImportError as e:  # an optional layer that is not installed: its subcommand is simply absent
+            logging.getLogger(__name__).debug("subcommands of %s unavailable: %s", module, e)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.debug:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args) or 0
+    except Exception as e:
+        from keye.errors import KeyeInputError
+
+        if args.debug:
+            raise
+        if isinstance(e, KeyeInputError):
+            print(f"keye: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+            print(f"keye: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Post-training recipes (SFT, GSPO reinforcement learning, preference alignment)."""

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random Keye models, the embedded keye-tiny, generated media."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(qk_norm: bool = True, tie: bool = False, packing: int = 0, vocab: int = 256, tps: float | None = 2.0):
+    """A random-weight Keye config small enough for unit tests (vision 32 wide, text 64 wide, 2 layers each)."""
+    from keye.configuration import KeyeConfig, KeyeTextConfig, KeyeVisionConfig
+
+    vision = KeyeVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        packing_position_embedding_size=packing,
+    )
+    text = KeyeTextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        qk_norm=qk_norm,
+        tie_word_embeddings=tie,
+    )
+    return KeyeConfig(
+        vision_config=vision,
+        text_config=text,
+        tie_word_embeddings=tie,
+        image_token_id=vocab - 2,
+        video_token_id=vocab - 1,
+        tokens_per_second=tps,
+    )
+
+
+@pytest.fixture
+def tiny_model():
+    from keye.modeling import KeyeForConditionalGeneration
+
+    def make(**kw):
+        torch.manual_seed(0)
+        return KeyeForConditionalGeneration(tiny_config(**kw)).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def keye_tiny():
+    """The embedded default model (built once into $KEYE_HOME, then loaded from there)."""
+    from keye import load_pretrained
+
+    return load_pretrained("keye-tiny")
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def sample_video(media_dir) -> Path:
+    """A 4 s, 112x160 synthetic clip with moving shapes and scene cuts."""
+    from keye.synthetic import make_demo_video
+
+    path = media_dir / "sample.mp4"
+    make_demo_video(path, seed=3, duration=4.0, size=(112, 160), fps=8, scene_seconds=2.0)
+    return path
+
+
+def run_keye(*args: str, timeout: float = 300, env: dict | None = None):
+    """Run the `keye` CLI in a subprocess (as a user would); returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "keye.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )

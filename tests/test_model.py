@@ -1,0 +1,119 @@
+"""Model-level behaviour: parity with transformers' Llama, packed vision attention, M-RoPE, save/load."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_config
+
+from keye.rope import TextSpan, VisionSpan, mrope_positions
+
+
+def test_text_logits_match_transformers_llama(keye_tiny):
+    """keye's text model with SmolLM2 weights == transformers' LlamaForCausalLM on the same GGUF (fp32)."""
+    from transformers import LlamaForCausalLM
+
+    from keye.pretrained import smollm2_gguf
+
+    model, processor = keye_tiny
+    gguf = smollm2_gguf()
+    ref = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = processor([{"role": "user", "content": "Name three colours of the rainbow."}])["input_ids"]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[..., : ref.config.vocab_size]
+        theirs = ref(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_text_only_mrope_is_1d_rope(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(0, 200, (2, 11))
+    pos1d = torch.arange(11).expand(2, -1)
+    with torch.no_grad():
+        a = model(input_ids=ids, position_ids=pos1d).logits
+        b = model(input_ids=ids, position_ids=pos1d[None].expand(3, -1, -1)).logits
+        c = model(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a, c, atol=0, rtol=0)
+
+
+def test_packed_vision_attention_equals_separate(tiny_model):
+    """Three different-size images packed in one sequence give the same features as each run alone."""
+    model = tiny_model()
+    grids = torch.tensor([[1, 4, 6], [1, 2, 2], [1, 6, 4]])
+    pixels = [torch.randn(int(g.prod()), 3 * 14 * 14) for g in grids]
+    with torch.no_grad():
+        packed = model.vision(torch.cat(pixels), grids)
+        alone = torch.cat([model.vision(p, g[None]) for p, g in zip(pixels, grids)])
+    assert packed.shape == (sum(int(g.prod()) for g in grids), 32)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_projector_merges_2x2_blocks(tiny_model):
+    model = tiny_model()
+    feats = torch.arange(4 * 4, dtype=torch.float).view(16, 1).expand(16, 32)  # patch k has value k
+    merged = model.projector.merge_patches(feats, torch.tensor([[1, 4, 4]]))  # (4, 4*32)
+    first = merged.view(4, 4, 32)[:, :, 0]  # the 4 patches of each merged token
+    assert first.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_mrope_positions_hand_worked():
+    spans = [
+        TextSpan(3),
+        VisionSpan(2, 3),  # image: 2x3 merged tokens
+        TextSpan(2),
+        VisionSpan(1, 2, time=0.0, video=0),
+        TextSpan(2),
+        VisionSpan(1, 2, time=1.5, video=0),
+        TextSpan(1),
+    ]
+    pos = mrope_positions(spans, tokens_per_second=2.0)
+    expected = [
+        [0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7, 8, 8, 10, 11, 11, 11, 14],  # temporal: frame at 1.5 s -> 8 + 3
+        [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7, 8, 8, 10, 11, 12, 12, 14],  # height
+        [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],  # width
+    ]
+    assert pos.tolist() == expected
+    # Keye-VL-1.5's released rule (no time scaling): the frame's temporal index is its start.
+    legacy = mrope_positions(spans, tokens_per_second=None)
+    assert legacy[0].tolist()[15:17] == [12, 12]
+    assert torch.equal(legacy[1:], pos[1:])
+
+
+def test_vision_pad_mismatch_is_a_clear_error(tiny_model):
+    model = tiny_model()
+    cfg = model.config
+    ids = torch.full((1, 6), 5)
+    ids[0, 1:4] = cfg.image_token_id  # 3 slots, but a 4x4-patch image gives 4 tokens
+    try:
+        model(input_ids=ids, pixel_values=torch.randn(16, 588), image_grid_thw=torch.tensor([[1, 4, 4]]),
+              position_ids=torch.arange(6)[None, None].expand(3, 1, -1))
+    except ValueError as e:
+        assert "3 <image_pad> tokens" in str(e) and "produced 4" in str(e)
+    else:
+        raise AssertionError("mismatch not detected")
+
+
+def test_save_load_round_trip_is_exact(tiny_model, tmp_path):
+    from keye import KeyeForConditionalGeneration
+
+    for kw in ({"qk_norm": True}, {"qk_norm": False, "tie": True}):
+        model = tiny_model(**kw)
+        model.save_pretrained(tmp_path / str(kw))
+        assert (tmp_path / str(kw) / "model.safetensors").exists()
+        loaded = KeyeForConditionalGeneration.from_pretrained(tmp_path / str(kw)).eval()
+        for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert k == k2 and torch.equal(a, b), k
+        ids = torch.randint(0, 200, (1, 9))
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_auto_classes_are_registered(tmp_path):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    import keye
+
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), keye.KeyeConfig)
+    assert isinstance(AutoModelForImageTextToText.from_config(config), keye.KeyeForConditionalGeneration)
