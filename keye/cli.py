@@ -16,19 +16,20 @@ import sys
 from pathlib import Path
 
 
-def _check_files(paths: list[str], kind: str) -> None:
-    from keye.errors import ImageLoadError, VideoDecodeError
+def _check_media(videos: list[str], images: list[str]) -> None:
+    """Fail fast, before the model loads: every file exists and opens as what it claims to be."""
+    from keye.encoders.image import load_image
+    from keye.encoders.video import probe
 
-    error = VideoDecodeError if kind == "video" else ImageLoadError
-    for p in paths:
-        if not Path(p).exists():
-            raise error(p, "no such file")
+    for v in videos:
+        probe(v)
+    for i in images:
+        load_image(i)
 
 
 # ------------------------------------------------------------------------------------------------ chat
 def _chat(args) -> int:
-    _check_files(args.video, "video")
-    _check_files(args.image, "image")
+    _check_media(args.video, args.image)
     from keye import load_pretrained
     from keye.chat import ChatSession
 

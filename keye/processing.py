@@ -72,7 +72,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 31
 def patchify(image: np.ndarray, patch: int = 14, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
     """RGB uint8 ``(H, W, 3)`` (multiples of ``patch``) -> normalized row-major patches ``(H/p * W/p, 3*p*p)``."""
     h, w = image.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0).sub_(mean).div_(std)  # (H, W, 3)
+    x = torch.from_numpy(image.astype(np.float32)).div_(255.0).sub_(mean).div_(std)  # (H, W, 3)
     x = x.view(h // patch, patch, w // patch, patch, 3).permute(0, 2, 4, 1, 3)  # (h, w, 3, p, p)
     return x.reshape(-1, 3 * patch * patch)
 

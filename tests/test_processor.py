@@ -1,0 +1,99 @@
+"""KeyeProcessor: chat layout, pad counts, labels, think switches, context errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from keye.errors import ContextLengthError
+
+
+@pytest.fixture(scope="module")
+def image_path(media_dir):
+    path = media_dir / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((90, 130, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_pad_counts_equal_model_tokens(keye_tiny, image_path, sample_video):
+    model, processor = keye_tiny
+    msgs = [{"role": "user", "content": [{"type": "video", "video": str(sample_video)},
+                                         {"type": "image", "image": str(image_path)},
+                                         {"type": "text", "text": "Compare them."}]}]
+    inputs = processor(msgs)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        img_tokens = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
+        vid_tokens = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    assert int((ids == model.config.image_token_id).sum()) == img_tokens.shape[0]
+    assert int((ids == model.config.video_token_id).sum()) == vid_tokens.shape[0]
+    # one grid row per sampled frame, in order; frames marked and timestamped in the prompt
+    video = inputs.videos[0]
+    assert inputs["video_grid_thw"].shape[0] == len(video.frames) >= 1
+    text = processor.decode(ids[0], skip_special_tokens=False)
+    assert text.count("<|frame|>") == len(video.frames)
+    assert text.count("<|fast_start|>") == text.count("<|fast_end|>") == video.kinds.count("fast")
+    assert f"<|frame|>{video.times[0]:.1f}" in text
+    assert inputs["position_ids"].shape == (3, 1, ids.shape[1])
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape[:2] == ids.shape
+
+
+def test_labels_cover_assistant_turns_only(keye_tiny):
+    _, processor = keye_tiny
+    msgs = [
+        {"role": "user", "content": "Count to three."},
+        {"role": "assistant", "content": "one two three"},
+        {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": "one two three"},
+    ]
+    inputs = processor(msgs, add_generation_prompt=False, return_labels=True)
+    ids, labels = inputs["input_ids"][0], inputs["labels"][0]
+    trained = ids[labels != -100]
+    answer = processor.tokenizer("one two three<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert trained.tolist() == answer * 2
+    assert torch.equal(labels[labels != -100], trained)
+
+
+def test_python_render_matches_jinja_template(keye_tiny):
+    _, processor = keye_tiny
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"}]
+    for think in (None, False):
+        jinja = processor.tokenizer.apply_chat_template(
+            msgs if think is None else msgs[:-1] + [{"role": "user", "content": "Bye /no_think"}],
+            tokenize=False, add_generation_prompt=True, enable_thinking=think is not False)
+        ours = "".join(p if isinstance(p, str) else "<|vision_start|><|image_pad|><|vision_end|>"
+                       for _, p in processor.render(msgs, True, think))
+        assert ours == jinja
+
+
+def test_think_switches(keye_tiny):
+    _, processor = keye_tiny
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    think = processor.decode(processor(msgs, think=True)["input_ids"][0], skip_special_tokens=False)
+    no_think = processor.decode(processor(msgs, think=False)["input_ids"][0], skip_special_tokens=False)
+    assert think.endswith("Why is the sky blue? /think<|im_end|>\n<|im_start|>assistant\n")
+    assert no_think.endswith("/no_think<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_over_long_prompt_is_a_clear_error(keye_tiny, sample_video):
+    _, processor = keye_tiny
+    msgs = [{"role": "user", "content": [{"type": "video", "video": str(sample_video)},
+                                         {"type": "text", "text": "word " * 9000}]}]
+    with pytest.raises(ContextLengthError, match="sample.mp4.*more than the context of 8192"):
+        processor(msgs)
+
+
+def test_short_clip_gives_a_frame(keye_tiny, media_dir):
+    from keye.encoders.video import write_video
+
+    _, processor = keye_tiny
+    path = write_video(media_dir / "short.mp4", [np.full((64, 64, 3), 90, np.uint8)] * 3, fps=10)  # 0.3 s
+    video = processor.load_video(str(path))
+    assert len(video.frames) >= 1
