@@ -50,14 +50,29 @@ def main() -> dict:
     grid = torch.tensor(grids)
     with torch.inference_mode():
         t_vision, _ = _timed(lambda: model.encode_vision(pixels, grid), repeat=3)
-    inputs = processor([{"role": "user", "content": [{"type": "video", "video": vin},
-                                                     {"type": "text", "text": "What happens in the video?"}]}])
+    inputs = processor(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": vin},
+                    {"type": "text", "text": "What happens in the video?"},
+                ],
+            }
+        ]
+    )
     prompt_len = inputs["input_ids"].shape[1]
     with torch.inference_mode():
         t_prefill, _ = _timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeat=3)
-    results.update(frames=len(vin.frames), vision_tokens=int((inputs["input_ids"] == model.config.video_token_id).sum()),
-                   prompt_tokens=prompt_len, decode_s=t_decode, preprocess_s=t_pre, vision_s=t_vision,
-                   prefill_s=t_prefill)
+    results.update(
+        frames=len(vin.frames),
+        vision_tokens=int((inputs["input_ids"] == model.config.video_token_id).sum()),
+        prompt_tokens=prompt_len,
+        decode_s=t_decode,
+        preprocess_s=t_pre,
+        vision_s=t_vision,
+        prefill_s=t_prefill,
+    )
 
     # Decode speed, side by side with plain transformers Llama on the same weights and prompt length.
     gguf = smollm2_gguf()
@@ -67,7 +82,9 @@ def main() -> dict:
 
     def tokens_per_s(m, **kw):
         with torch.inference_mode():
-            m.generate(input_ids=text_ids, attention_mask=torch.ones_like(text_ids), max_new_tokens=2, **kw)  # warm
+            m.generate(
+                input_ids=text_ids, attention_mask=torch.ones_like(text_ids), max_new_tokens=2, **kw
+            )  # warm
             t0 = time.perf_counter()
             m.generate(input_ids=text_ids, attention_mask=torch.ones_like(text_ids), max_new_tokens=1)
             prefill = time.perf_counter() - t0
@@ -84,18 +101,27 @@ def main() -> dict:
 
     # First vs second turn on the same video (the second reuses the cache: no decode, no vision tower).
     session = ChatSession(model, processor)
-    t1, _ = _timed(lambda: session.ask("What happens in the video?", videos=[str(video)], max_new_tokens=8,
-                                        min_new_tokens=8))
+    t1, _ = _timed(
+        lambda: session.ask(
+            "What happens in the video?", videos=[str(video)], max_new_tokens=8, min_new_tokens=8
+        )
+    )
     t2, _ = _timed(lambda: session.ask("What colour is the first shape?", max_new_tokens=8, min_new_tokens=8))
     results.update(first_turn_s=t1, second_turn_s=t2, turn_ratio=t2 / t1)
 
     print("keye-tiny on a generated 30 s 640x360 video")
-    print(f"  frames {results['frames']}, vision tokens {results['vision_tokens']}, prompt {prompt_len} tokens")
+    print(
+        f"  frames {results['frames']}, vision tokens {results['vision_tokens']}, prompt {prompt_len} tokens"
+    )
     for k in ("decode_s", "preprocess_s", "vision_s", "prefill_s"):
-        print(f"  {k:14s} {results[k]*1000:8.1f} ms")
-    print(f"  decode speed   keye {results['keye_tokens_per_s']:.1f} tok/s vs LlamaForCausalLM "
-          f"{results['llama_tokens_per_s']:.1f} tok/s -> ratio {results['decode_ratio']:.2f} (goal >= 0.9)")
-    print(f"  turns          first {t1:.2f} s, second {t2:.2f} s -> ratio {results['turn_ratio']:.3f} (goal <= 0.2)")
+        print(f"  {k:14s} {results[k] * 1000:8.1f} ms")
+    print(
+        f"  decode speed   keye {results['keye_tokens_per_s']:.1f} tok/s vs LlamaForCausalLM "
+        f"{results['llama_tokens_per_s']:.1f} tok/s -> ratio {results['decode_ratio']:.2f} (goal >= 0.9)"
+    )
+    print(
+        f"  turns          first {t1:.2f} s, second {t2:.2f} s -> ratio {results['turn_ratio']:.3f} (goal <= 0.2)"
+    )
     return results
 
 

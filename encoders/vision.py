@@ -49,9 +49,13 @@ class KeyeVisionConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"vision hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+            raise ValueError(
+                f"vision hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads"
+            )
         if (self.hidden_size // self.num_attention_heads) % 4:
-            raise ValueError("vision head_dim must be a multiple of 4 (2D RoPE splits it into h and w halves)")
+            raise ValueError(
+                "vision head_dim must be a multiple of 4 (2D RoPE splits it into h and w halves)"
+            )
 
 
 def frame_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
@@ -59,7 +63,9 @@ def frame_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor
+) -> torch.Tensor:
     """Non-causal attention within each segment of a packed sequence.
 
     q, k, v: ``(N, heads, head_dim)``; seqlens: ``(S,)`` summing to N. Returns ``(N, heads, head_dim)``.
@@ -79,11 +85,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         seg_starts = starts[seqlens == length]  # (B,)
         idx = (seg_starts[:, None] + torch.arange(length, device=q.device)[None, :]).reshape(-1)  # (B*L,)
         b = seg_starts.numel()
-
-        def take(x: torch.Tensor) -> torch.Tensor:
-            return x[idx].view(b, length, *x.shape[1:]).transpose(1, 2)  # (B, heads, L, head_dim)
-
-        o = F.scaled_dot_product_attention(take(q), take(k), take(v))  # (B, heads, L, head_dim)
+        qb, kb, vb = (
+            x[idx].view(b, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)
+        )  # (B, heads, L, hd)
+        o = F.scaled_dot_product_attention(qb, kb, vb)  # (B, heads, L, head_dim)
         out[idx] = o.transpose(1, 2).reshape(b * length, *q.shape[1:])
     return out
 
@@ -99,7 +104,9 @@ class VisionRotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         dim = head_dim // 2
-        self.inv_freq = nn.Buffer(1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim), persistent=False)
+        self.inv_freq = nn.Buffer(
+            1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim), persistent=False
+        )
 
     def forward(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = [], []
@@ -116,11 +123,15 @@ class KeyeVisionEmbeddings(nn.Module):
     def __init__(self, config: KeyeVisionConfig):
         super().__init__()
         self.config = config
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, config.patch_size, config.patch_size
+        )
         self.side = config.image_size // config.patch_size
         self.position_embedding = nn.Embedding(self.side * self.side, config.hidden_size)
         if config.packing_position_embedding_size:
-            self.packing_position_embedding = nn.Embedding(config.packing_position_embedding_size, config.hidden_size)
+            self.packing_position_embedding = nn.Embedding(
+                config.packing_position_embedding_size, config.hidden_size
+            )
 
     def resized_positions(self, h: int, w: int) -> torch.Tensor:
         """The position table bilinearly resized to an ``h x w`` patch grid. ``(h*w, hidden)``"""
@@ -192,7 +203,9 @@ class KeyeVisionEncoder(nn.Module):
     def forward(self, hidden_states, seqlens, rope):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden_states = torch.utils.checkpoint.checkpoint(layer, hidden_states, seqlens, rope, use_reentrant=False)
+                hidden_states = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, seqlens, rope, use_reentrant=False
+                )
             else:
                 hidden_states = layer(hidden_states, seqlens, rope)
         return hidden_states

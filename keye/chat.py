@@ -43,7 +43,9 @@ class ChatSession:
         self.think = think
         self.video_overrides = video_overrides
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.ids = torch.zeros(1, 0, dtype=torch.long)  # (1, T) everything the cache holds, generated tokens too
+        self.ids = torch.zeros(
+            1, 0, dtype=torch.long
+        )  # (1, T) everything the cache holds, generated tokens too
         self.positions = torch.zeros(3, 1, 0, dtype=torch.long)  # (3, 1, T)
         self.cache = DynamicCache(config=model.config.text_config)
         self.videos: list[VideoInput] = []
@@ -60,7 +62,9 @@ class ChatSession:
             # Close the previous assistant turn exactly as a full re-render of the conversation would.
             eos = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
             closing = [eos] if self.ids[0, -1].item() != eos else []
-            closing = torch.tensor([closing + self.processor.tokenizer("\n", add_special_tokens=False)["input_ids"]])
+            closing = torch.tensor(
+                [closing + self.processor.tokenizer("\n", add_special_tokens=False)["input_ids"]]
+            )
             ids = torch.cat([closing, ids], dim=1)
             pos = torch.cat([torch.arange(closing.shape[1]).expand(3, 1, -1), pos + closing.shape[1]], dim=2)
             pos = pos + int(self.positions.max()) + 1
@@ -91,7 +95,9 @@ class ChatSession:
         n = new_tokens.shape[1]
         start = int(kwargs["position_ids"].max()) + 1
         self.ids = torch.cat([kwargs["input_ids"].cpu(), new_tokens], dim=1)
-        self.positions = torch.cat([kwargs["position_ids"].cpu(), torch.arange(start, start + n).expand(3, 1, -1)], 2)
+        self.positions = torch.cat(
+            [kwargs["position_ids"].cpu(), torch.arange(start, start + n).expand(3, 1, -1)], 2
+        )
         text = self.processor.decode(new_tokens[0], skip_special_tokens=True).strip()
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": text}]
         self.videos += inputs.videos
@@ -100,7 +106,9 @@ class ChatSession:
 
     @staticmethod
     def _content(text: str, images, videos) -> list[dict]:
-        parts = [{"type": "video", "video": v} for v in videos] + [{"type": "image", "image": i} for i in images]
+        parts = [{"type": "video", "video": v} for v in videos] + [
+            {"type": "image", "image": i} for i in images
+        ]
         return parts + [{"type": "text", "text": text}]
 
     @torch.inference_mode()
@@ -111,7 +119,9 @@ class ChatSession:
         out = self.model.generate(**kwargs)
         return self._finish(kwargs, out, inputs, content)
 
-    def stream(self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs) -> Iterator[str]:
+    def stream(
+        self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs
+    ) -> Iterator[str]:
         """Ask and yield the reply's text as it is generated; ``last_reply`` holds the whole reply afterwards."""
         content = self._content(text, images, videos)
         inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)

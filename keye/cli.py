@@ -13,7 +13,6 @@ import logging
 import os
 import platform
 import sys
-from pathlib import Path
 
 
 def _check_media(videos: list[str], images: list[str]) -> None:
@@ -65,14 +64,55 @@ def _chat(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ frames
+def _frames(args) -> int:
+    from keye.encoders.slowfast import SlowFastConfig, plan_video
+
+    cfg = SlowFastConfig(
+        **{
+            k: v
+            for k, v in (
+                ("fps", args.fps),
+                ("max_frames", args.max_frames),
+                ("token_budget", args.token_budget),
+            )
+            if v is not None
+        }
+    )
+    plan, frames = plan_video(args.video, cfg)
+    report = plan.to_dict()
+    if args.plot:
+        from keye.encoders.filmstrip import save_filmstrip
+
+        save_filmstrip(plan, frames, args.plot)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    kinds = [f["kind"] for f in report["frames"]]
+    print(
+        f"{report['video']}: {report['duration']:.1f} s at {report['native_fps']:.2f} fps, sampled at "
+        f"{report['sample_fps']:.2f} fps -> {len(kinds)} frames ({kinds.count('slow')} slow, {kinds.count('fast')} fast)"
+    )
+    print(
+        f"tokens per frame: slow {report['slow_tokens_per_frame']}, fast {report['fast_tokens_per_frame']}; "
+        f"total {report['total_tokens']} of budget {report['budget']}; after {report['compress']}: "
+        f"{report['tokens_after_compression']}"
+    )
+    for f in report["frames"]:
+        print(f"  {f['index']:6d}  {f['time']:8.2f} s  {f['kind']:4s}  {f['tokens']:4d} tokens")
+    if args.plot:
+        print(f"film strip: {args.plot}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ info
 def _info(args) -> int:
     import torch
     import transformers
+    from transformers.utils.import_utils import is_flash_attn_2_available
 
     import keye
     from keye.pretrained import _tiny_cache_dir, smollm2_gguf
-    from transformers.utils.import_utils import is_flash_attn_2_available
 
     try:
         import decord  # noqa: F401
@@ -134,14 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--prompt", help="ask once and exit; without it, an interactive multi-turn session")
     think = p.add_mutually_exclusive_group()
-    think.add_argument("--think", dest="think", action="store_true", default=None, help="reasoning mode (/think)")
+    think.add_argument(
+        "--think", dest="think", action="store_true", default=None, help="reasoning mode (/think)"
+    )
     think.add_argument("--no-think", dest="think", action="store_false", help="answer directly (/no_think)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="stream tokens as generated")
+    p.add_argument(
+        "--stream", action=argparse.BooleanOptionalAction, default=True, help="stream tokens as generated"
+    )
     p.add_argument("--fps", type=float, help="video sampling rate (default: the model's, at most 2)")
     p.add_argument("--max-frames", type=int, help="cap on sampled frames")
     p.add_argument("--token-budget", type=int, help="vision token budget per video")
     p.set_defaults(func=_chat)
+
+    p = sub.add_parser("frames", help="show which frames Slow-Fast selection samples, and their token costs")
+    p.add_argument("video")
+    p.add_argument("--fps", type=float, help="sampling rate (effective: min(fps, native fps); default 2)")
+    p.add_argument("--max-frames", type=int, help="cap on sampled frames (default 1365)")
+    p.add_argument("--token-budget", type=int, help="vision tokens for the whole video (default 65536)")
+    p.add_argument(
+        "--compress", choices=["none"], default="none", help="token compression (DynTok/Clapper: TODO)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="OUT.png", help="draw a film strip with slow/fast marks and timestamps")
+    p.set_defaults(func=_frames)
 
     p = sub.add_parser("info", help="versions, device, attention backend, default model location")
     p.add_argument("--json", action="store_true")
@@ -154,18 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=_convert)
 
-    for module in ("keye.frames_cli", "keye.tools.cli", "keye.eval.cli"):
-        try:
-            __import__(module, fromlist=["add_parser"]).add_parser(sub)
-        except ImportError as e:  # an optional layer that is not installed: its subcommand is simply absent
-            logging.getLogger(__name__).debug("subcommands of %s unavailable: %s", module, e)
+    from keye.eval.cli import add_parser as add_eval
+    from keye.tools.cli import add_parser as add_tools
+
+    add_tools(sub)
+    add_eval(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     if not args.debug:
         from transformers.utils import logging as hf_logging
 

@@ -87,7 +87,10 @@ class KeyeTextConfig(PreTrainedConfig):
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         if self.rope_parameters is None:
-            self.rope_parameters = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", self.default_theta)}
+            self.rope_parameters = {
+                "rope_type": "default",
+                "rope_theta": kwargs.pop("rope_theta", self.default_theta),
+            }
         if "mrope_section" not in self.rope_parameters:
             # Keye-VL-1.5 / Qwen2-VL split for head_dim 128 is [16, 24, 24]; scaled alike for other head sizes.
             half = self.head_dim // 2
@@ -98,7 +101,9 @@ class KeyeTextConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         if sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+            raise ValueError(
+                f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}"
+            )
 
     @property
     def mrope_section(self) -> list[int]:

@@ -25,7 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from keye.configuration import KeyeConfig
 
-PREFIXES = [("vision.", "visual.vision_model."), ("projector.", "mlp_AR."), ("language_model.", "model."), ("lm_head.", "lm_head.")]
+PREFIXES = [
+    ("vision.", "visual.vision_model."),
+    ("projector.", "mlp_AR."),
+    ("language_model.", "model."),
+    ("lm_head.", "lm_head."),
+]
 DROPPED_KEYE_PREFIXES = ("visual.vision_model.head.",)
 TEXT_FIELDS = [
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -132,12 +137,18 @@ def from_keye(src: str | Path, out: str | Path) -> dict:
         state.pop("lm_head.weight", None)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{src}: checkpoint does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"{src}: checkpoint does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     wrong = [k for k, shape in expected.items() if state[k].shape != shape]
     if wrong:
         raise ValueError(f"{src}: shapes differ from the config for {wrong[:8]}")
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     _copy_tokenizer(src, out)
     return {"tensors": len(state), "dropped": dropped}

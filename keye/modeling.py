@@ -197,15 +197,21 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         if has_vision and input_ids is None:
             raise ValueError("vision inputs need input_ids to locate their pad tokens")
         if image_embeds is not None:
-            inputs_embeds = self._merge_vision(input_ids, inputs_embeds, self.config.image_token_id, image_embeds, "image")
+            inputs_embeds = self._merge_vision(
+                input_ids, inputs_embeds, self.config.image_token_id, image_embeds, "image"
+            )
         if video_embeds is not None:
-            inputs_embeds = self._merge_vision(input_ids, inputs_embeds, self.config.video_token_id, video_embeds, "video")
+            inputs_embeds = self._merge_vision(
+                input_ids, inputs_embeds, self.config.video_token_id, video_embeds, "video"
+            )
 
         batch, length = inputs_embeds.shape[:2]
         text_position_ids = None
         if position_ids is None:
             if has_vision:
-                raise ValueError("vision inputs need M-RoPE position_ids (3, B, T); KeyeProcessor returns them")
+                raise ValueError(
+                    "vision inputs need M-RoPE position_ids (3, B, T); KeyeProcessor returns them"
+                )
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(batch, -1)
         if position_ids.ndim == 2:  # text only: all three axes equal
@@ -229,7 +235,9 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
 

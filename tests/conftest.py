@@ -12,7 +12,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(qk_norm: bool = True, tie: bool = False, packing: int = 0, vocab: int = 256, tps: float | None = 2.0):
+def tiny_config(
+    qk_norm: bool = True, tie: bool = False, packing: int = 0, vocab: int = 256, tps: float | None = 2.0
+):
     """A random-weight Keye config small enough for unit tests (vision 32 wide, text 64 wide, 2 layers each)."""
     from keye.configuration import KeyeConfig, KeyeTextConfig, KeyeVisionConfig
 

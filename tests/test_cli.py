@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from conftest import run_keye
 
 
@@ -16,7 +17,9 @@ def bad_inputs(media_dir):
 
     from keye.encoders.video import write_video
 
-    good = write_video(media_dir / "good.mp4", [np.full((64, 64, 3), i * 20, np.uint8) for i in range(12)], fps=8)
+    good = write_video(
+        media_dir / "good.mp4", [np.full((64, 64, 3), i * 20, np.uint8) for i in range(12)], fps=8
+    )
     files = {}
     files["not_a_video"] = media_dir / "notes.mp4"
     files["not_a_video"].write_text("this is a text file, not a video\n" * 50)
@@ -40,7 +43,9 @@ def bad_inputs(media_dir):
 
 @pytest.mark.slow
 def test_chat_answers_about_a_generated_video(sample_video):
-    r = run_keye("chat", "--video", str(sample_video), "--prompt", "What is in the video?", "--max-new-tokens", "12")
+    r = run_keye(
+        "chat", "--video", str(sample_video), "--prompt", "What is in the video?", "--max-new-tokens", "12"
+    )
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
     assert "Traceback" not in r.stderr
@@ -90,3 +95,36 @@ def test_help_lists_subcommands():
     assert r.returncode == 0
     for cmd in ("chat", "info", "convert"):
         assert cmd in r.stdout
+
+
+def test_frames_json_contract(sample_video, tmp_path):
+    r = run_keye("frames", str(sample_video), "--json", "--plot", str(tmp_path / "strip.png"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert set(report) == {
+        "video",
+        "duration",
+        "native_fps",
+        "sample_fps",
+        "frames",
+        "slow_tokens_per_frame",
+        "fast_tokens_per_frame",
+        "total_tokens",
+        "budget",
+        "compress",
+        "tokens_after_compression",
+    }
+    assert report["frames"][0]["kind"] == "slow" and set(report["frames"][0]) == {
+        "index",
+        "time",
+        "kind",
+        "tokens",
+    }
+    assert report["total_tokens"] == sum(f["tokens"] for f in report["frames"]) <= report["budget"]
+    assert report["tokens_after_compression"] == report["total_tokens"] and report["compress"] == "none"
+    assert (tmp_path / "strip.png").stat().st_size > 1000
+
+
+def test_frames_bad_input_exits_2(bad_inputs):
+    r = run_keye("frames", str(bad_inputs["audio_only"]))
+    assert r.returncode == 2 and "audio_only.m4a" in r.stderr

@@ -6,8 +6,9 @@ import json
 import re
 
 import torch
-from conftest import run_keye, tiny_config
 from safetensors.torch import load_file
+
+from conftest import run_keye, tiny_config
 
 # The official names (REFERENCE.md), as patterns over a tiny random model with the same structure.
 KEYE_PATTERNS = [
@@ -62,8 +63,12 @@ def test_keye_layout_round_trip(tmp_path):
         assert torch.equal(v, back.state_dict()[k]), k
     ids = torch.randint(0, 200, (1, 12))
     ids[0, 2:6] = model.config.image_token_id
-    inputs = dict(input_ids=ids, pixel_values=torch.randn(16, 588), image_grid_thw=torch.tensor([[1, 4, 4]]),
-                  position_ids=torch.arange(12)[None, None].expand(3, 1, -1))
+    inputs = dict(
+        input_ids=ids,
+        pixel_values=torch.randn(16, 588),
+        image_grid_thw=torch.tensor([[1, 4, 4]]),
+        position_ids=torch.arange(12)[None, None].expand(3, 1, -1),
+    )
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, back(**inputs).logits)
 

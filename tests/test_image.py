@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 import pytest
-from keye.encoders.image import load_image
 from PIL import Image
 
+from keye.encoders.image import load_image
 from keye.errors import ImageLoadError
 
 

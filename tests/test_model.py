@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from keye.rope import TextSpan, VisionSpan, mrope_positions
 
 
@@ -85,8 +85,12 @@ def test_vision_pad_mismatch_is_a_clear_error(tiny_model):
     ids = torch.full((1, 6), 5)
     ids[0, 1:4] = cfg.image_token_id  # 3 slots, but a 4x4-patch image gives 4 tokens
     try:
-        model(input_ids=ids, pixel_values=torch.randn(16, 588), image_grid_thw=torch.tensor([[1, 4, 4]]),
-              position_ids=torch.arange(6)[None, None].expand(3, 1, -1))
+        model(
+            input_ids=ids,
+            pixel_values=torch.randn(16, 588),
+            image_grid_thw=torch.tensor([[1, 4, 4]]),
+            position_ids=torch.arange(6)[None, None].expand(3, 1, -1),
+        )
     except ValueError as e:
         assert "3 <image_pad> tokens" in str(e) and "produced 4" in str(e)
     else:

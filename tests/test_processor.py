@@ -19,9 +19,16 @@ def image_path(media_dir):
 
 def test_pad_counts_equal_model_tokens(keye_tiny, image_path, sample_video):
     model, processor = keye_tiny
-    msgs = [{"role": "user", "content": [{"type": "video", "video": str(sample_video)},
-                                         {"type": "image", "image": str(image_path)},
-                                         {"type": "text", "text": "Compare them."}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(sample_video)},
+                {"type": "image", "image": str(image_path)},
+                {"type": "text", "text": "Compare them."},
+            ],
+        }
+    ]
     inputs = processor(msgs)
     ids = inputs["input_ids"]
     with torch.no_grad():
@@ -60,16 +67,23 @@ def test_labels_cover_assistant_turns_only(keye_tiny):
 
 def test_python_render_matches_jinja_template(keye_tiny):
     _, processor = keye_tiny
-    msgs = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi"}]},
-            {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Bye"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     for think in (None, False):
         jinja = processor.tokenizer.apply_chat_template(
             msgs if think is None else msgs[:-1] + [{"role": "user", "content": "Bye /no_think"}],
-            tokenize=False, add_generation_prompt=True, enable_thinking=think is not False)
-        ours = "".join(p if isinstance(p, str) else "<|vision_start|><|image_pad|><|vision_end|>"
-                       for _, p in processor.render(msgs, True, think))
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=think is not False,
+        )
+        ours = "".join(
+            p if isinstance(p, str) else "<|vision_start|><|image_pad|><|vision_end|>"
+            for _, p in processor.render(msgs, True, think)
+        )
         assert ours == jinja
 
 
@@ -84,8 +98,15 @@ def test_think_switches(keye_tiny):
 
 def test_over_long_prompt_is_a_clear_error(keye_tiny, sample_video):
     _, processor = keye_tiny
-    msgs = [{"role": "user", "content": [{"type": "video", "video": str(sample_video)},
-                                         {"type": "text", "text": "word " * 9000}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(sample_video)},
+                {"type": "text", "text": "word " * 9000},
+            ],
+        }
+    ]
     with pytest.raises(ContextLengthError, match="sample.mp4.*more than the context of 8192"):
         processor(msgs)
 

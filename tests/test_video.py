@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+
 from keye.encoders import video
 from keye.encoders.video import (
     Frames,
@@ -25,7 +26,6 @@ from keye.encoders.video import (
     sample_indices,
     write_video,
 )
-
 from keye.errors import VideoDecodeError
 
 HAS_DECORD = importlib.util.find_spec("decord") is not None

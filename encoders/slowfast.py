@@ -1,0 +1,714 @@
+"""Slow-Fast video planning (Keye-VL-1.5): which frames to sample, which are slow (key) or fast, and at what size.
+
+A video is sampled uniformly at ``min(fps, native fps)`` (at most ``max_frames``). Each sampled frame is compared with
+the last slow frame, both downscaled to at most 256 patch tokens, in HSV, per 28x28 patch: a patch whose cosine
+similarity exceeds 0.7 is unchanged (patches black in both frames are left out), and a frame with fewer than 90% of its
+patches unchanged starts a new slow frame. The first frame is slow. Slow frames get the largest per-frame token count in
+[48, 768] that keeps the whole video within the token budget; fast frames get 30% of it (at least 48).
+
+This behaves like keye-vl-utils 1.5.2 (``process_vision_info``): the similarity features are bit-exact with it (same
+sampled frames, same antialiased bilinear downscale, OpenCV's 8-bit HSV, same float32 cosine and mean), but
+
+- frames are decoded once, streaming, in bounded memory: the reference holds every sampled frame at native
+  resolution (gigabytes for a long 1080p video); here only a small batch of native frames is alive at a time;
+- the token budget is never exceeded (the reference's search can overshoot by one step, and its smart_resize can round
+  above the cap); when even the minimum tokens per frame would exceed the budget, fewer frames are sampled, evenly
+  spread, *before* labelling, so labels are always computed on the frames actually kept;
+- clips shorter than 1/fps give one frame (the reference gives none), frames that are black in both compared frames
+  count as unchanged instead of dividing by zero, timestamps are presentation times (variable frame rate works),
+  videos without a video stream raise `VideoDecodeError`, and decoding uses PyAV (decord is optional).
+
+Not for: pixels-to-patches and normalisation (``keye.processing``), the prompt layout (``keye.processing``), decoding
+whole videos for other uses (``encoders.video``).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from keye.errors import ConfigError, VideoDecodeError
+
+__all__ = [
+    "SlowFastConfig",
+    "FramePlan",
+    "VideoPlan",
+    "fit_tokens",
+    "feature_size",
+    "rgb_to_hsv",
+    "label_frames",
+    "token_budget_split",
+    "max_frames_for_budget",
+    "sample_positions",
+    "plan_from_labels",
+    "plan_video",
+]
+
+# Features are computed this many frames at a time: about 40 MB of float32 patch vectors at 256 tokens per frame.
+_FEATURE_BATCH = 16
+# Native-resolution RGB frames waiting between the decoder thread and the planner (bounded memory).
+_DECODE_QUEUE = 8
+
+
+@dataclass
+class SlowFastConfig:
+    """How a video is sampled, split into slow and fast frames, and sized to a token budget."""
+
+    fps: float = 2.0  # sampling rate; the effective rate is min(fps, native fps)
+    max_frames: int = 1365  # at most this many sampled frames
+    token_budget: int = 65536  # vision tokens for the whole video (one token per 28x28 pixels)
+    min_tokens: int = 48  # slow frames get between min_tokens and max_tokens tokens
+    max_tokens: int = 768
+    fast_ratio: float = 0.3  # a fast frame gets int(fast_ratio * slow tokens) tokens ...
+    min_fast_tokens: int = 48  # ... but at least this many
+    similarity_threshold: float = 0.7  # a patch is unchanged when its HSV cosine similarity exceeds this
+    unchanged_ratio: float = 0.9  # a frame is a new slow frame when fewer than this share of patches is unchanged
+    enabled: bool = True  # False: every frame is slow and sampled uniformly (plain uniform sampling)
+    patch: int = 28  # pixels per LLM token side (14-pixel ViT patches merged 2x2)
+    feature_max_tokens: int = 256  # the similarity features are computed on frames of at most this many patches
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.fps > 0:
+            problems.append(f"fps must be > 0, got {self.fps}")
+        if self.max_frames < 1:
+            problems.append(f"max_frames must be >= 1, got {self.max_frames}")
+        if not 1 <= self.min_tokens <= self.max_tokens:
+            problems.append(f"need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
+        if self.min_fast_tokens < 1 or not 0 <= self.fast_ratio <= 1:
+            problems.append("need min_fast_tokens >= 1 and 0 <= fast_ratio <= 1")
+        if self.patch < 1 or self.feature_max_tokens < 1:
+            problems.append("need patch >= 1 and feature_max_tokens >= 1")
+        if self.token_budget < _min_frame_cost(self):
+            problems.append(f"token_budget {self.token_budget} cannot hold one frame of {_min_frame_cost(self)} tokens")
+        if problems:
+            raise ConfigError("SlowFastConfig", "; ".join(problems))
+
+
+@dataclass
+class FramePlan:
+    """One sampled frame: where it is in the source, whether it is slow or fast, and its size in pixels and tokens."""
+
+    index: int  # index of the frame in the decoded source (presentation order)
+    time: float  # presentation time in seconds from the start of the video stream (as encoders.video)
+    kind: str  # "slow" | "fast"
+    height: int  # multiples of `patch`
+    width: int
+    tokens: int  # (height / patch) * (width / patch)
+
+
+@dataclass
+class VideoPlan:
+    """The Slow-Fast plan of one video; `to_dict()` is the object `keye frames --json` prints."""
+
+    video: str
+    duration: float  # seconds
+    native_fps: float
+    sample_fps: float  # the rate actually sampled (lower than requested when frames were capped)
+    frames: list[FramePlan]
+    slow_tokens_per_frame: int
+    fast_tokens_per_frame: int
+    total_tokens: int  # vision tokens of all frames, text markers excluded
+    budget: int
+    compress: str = "none"  # set by the caller that applies DynTok / Clapper
+    tokens_after_compression: int | None = None  # None means: equal to total_tokens
+    labels_dropped: int = field(default=0, repr=False)  # frames not sampled to respect the budget
+
+    def to_dict(self) -> dict:
+        return {
+            "video": self.video,
+            "duration": self.duration,
+            "native_fps": self.native_fps,
+            "sample_fps": self.sample_fps,
+            "frames": [{"index": f.index, "time": f.time, "kind": f.kind, "tokens": f.tokens} for f in self.frames],
+            "slow_tokens_per_frame": self.slow_tokens_per_frame,
+            "fast_tokens_per_frame": self.fast_tokens_per_frame,
+            "total_tokens": self.total_tokens,
+            "budget": self.budget,
+            "compress": self.compress,
+            "tokens_after_compression": (
+                self.total_tokens if self.tokens_after_compression is None else self.tokens_after_compression
+            ),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sizes and the token budget
+
+
+def fit_tokens(height: int, width: int, max_tokens: int, min_tokens: int = 1, patch: int = 28) -> tuple[int, int]:
+    """Size ``(h, w)`` in multiples of ``patch`` that keeps the aspect ratio and costs at most ``max_tokens`` tokens.
+
+    Same rule as smart_resize (round each side to the patch; if that is too large scale down and floor, if too small
+    scale up and ceil), so ordinary sizes give the reference's result, plus a guarantee smart_resize lacks: the token
+    count never exceeds ``max_tokens`` (flooring a very thin side to zero, or ceiling a tiny frame, can overshoot
+    there). ``min_tokens`` is a floor that gives way to that cap.
+    """
+    if height < 1 or width < 1 or max_tokens < 1:
+        raise ValueError(f"fit_tokens: need a positive size and cap, got {height}x{width}, max_tokens={max_tokens}")
+    gh, gw = max(1, round(height / patch)), max(1, round(width / patch))
+    if gh * gw > max_tokens:
+        beta = math.sqrt(height * width / (max_tokens * patch * patch))
+        gh, gw = max(1, math.floor(height / beta / patch)), max(1, math.floor(width / beta / patch))
+    elif gh * gw < min_tokens:
+        beta = math.sqrt(min_tokens * patch * patch / (height * width))
+        gh, gw = math.ceil(height * beta / patch), math.ceil(width * beta / patch)
+    aspect = math.log(height / width)
+    while gh * gw > max_tokens:  # shrink the side whose shrinking keeps the aspect ratio closest
+        if gh == 1 or gw == 1:
+            gh, gw = (1, max_tokens) if gh == 1 else (max_tokens, 1)
+            break
+        shrink_h = abs(math.log((gh - 1) / gw) - aspect)
+        shrink_w = abs(math.log(gh / (gw - 1)) - aspect)
+        gh, gw = (gh - 1, gw) if shrink_h <= shrink_w else (gh, gw - 1)
+    return gh * patch, gw * patch
+
+
+def feature_size(height: int, width: int, config: SlowFastConfig | None = None) -> tuple[int, int]:
+    """Size of the downscaled frames the similarity features are computed on (at most 256 patches by default)."""
+    cfg = config or SlowFastConfig()
+    return fit_tokens(height, width, cfg.feature_max_tokens, min(cfg.min_tokens, cfg.feature_max_tokens), cfg.patch)
+
+
+def _tokens(hw: tuple[int, int], patch: int) -> int:
+    return (hw[0] // patch) * (hw[1] // patch)
+
+
+def _sizes(slow_cap: int, height: int, width: int, cfg: SlowFastConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Slow and fast frame sizes when slow frames may cost ``slow_cap`` tokens."""
+    slow = fit_tokens(height, width, slow_cap, cfg.min_tokens, cfg.patch)
+    fast_cap = max(int(cfg.fast_ratio * _tokens(slow, cfg.patch)), cfg.min_fast_tokens)
+    fast = fit_tokens(height, width, min(fast_cap, slow_cap), min(cfg.min_fast_tokens, fast_cap), cfg.patch)
+    return slow, fast
+
+
+def _min_frame_cost(cfg: SlowFastConfig) -> int:
+    """Most tokens a frame can cost at the smallest slow cap, whatever its label or aspect ratio.
+
+    A fast frame is never given more than the slow cap (see `_sizes`), so this is ``min_tokens``.
+    """
+    return cfg.min_tokens
+
+
+def max_frames_for_budget(config: SlowFastConfig | None = None) -> int:
+    """The most frames that fit the budget at the minimum tokens per frame, whatever the labels (1365 by default)."""
+    cfg = config or SlowFastConfig()
+    return cfg.token_budget // _min_frame_cost(cfg)
+
+
+def _split_sizes(
+    n_slow: int, n_fast: int, height: int, width: int, cfg: SlowFastConfig
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    def total(cap: int) -> int:
+        slow, fast = _sizes(cap, height, width, cfg)
+        return n_slow * _tokens(slow, cfg.patch) + n_fast * _tokens(fast, cfg.patch)
+
+    lo, hi = cfg.min_tokens, cfg.max_tokens
+    if total(lo) > cfg.token_budget:
+        raise ValueError(
+            f"{n_slow} slow + {n_fast} fast frames of {height}x{width} exceed the budget of {cfg.token_budget} tokens "
+            f"even at {cfg.min_tokens} tokens per frame; sample at most {max_frames_for_budget(cfg)} frames"
+        )
+    # Largest cap that fits. Only caps that were checked to fit are ever kept (lo), so the result never exceeds the
+    # budget even where the token count is not monotone in the cap (rounding of odd aspect ratios).
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total(mid) <= cfg.token_budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _sizes(lo, height, width, cfg)
+
+
+def token_budget_split(
+    n_slow: int, n_fast: int, native_h: int, native_w: int, config: SlowFastConfig | None = None
+) -> tuple[int, int]:
+    """Tokens per slow frame and per fast frame for a video of ``native_h x native_w`` with these frame counts.
+
+    The slow count is the largest cap in [min_tokens, max_tokens] (binary search) whose actual frame sizes keep
+    ``n_slow * slow + n_fast * fast <= token_budget``; fast frames get ``max(int(fast_ratio * slow), min_fast_tokens)``.
+    Raises ValueError when even ``min_tokens`` per frame does not fit (see `max_frames_for_budget`).
+    """
+    cfg = config or SlowFastConfig()
+    slow, fast = _split_sizes(n_slow, n_fast, native_h, native_w, cfg)
+    return _tokens(slow, cfg.patch), _tokens(fast, cfg.patch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Similarity features
+
+# OpenCV's 8-bit RGB->HSV works in fixed point with these reciprocal tables (hsv_shift = 12); reproducing them makes
+# the features bit-exact with the reference, which calls cv2.cvtColor (OpenCV is not a dependency of keye).
+_HSV_SHIFT = 12
+with np.errstate(divide="ignore"):
+    _i = np.arange(256, dtype=np.float64)
+    _SDIV = np.where(_i > 0, np.rint((255 << _HSV_SHIFT) / _i), 0).astype(np.int32)
+    _HDIV = np.where(_i > 0, np.rint((180 << _HSV_SHIFT) / (6.0 * _i)), 0).astype(np.int32)
+del _i
+
+
+def _hsv_planes(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """H (0..179), S, V of uint8 planes, exactly as ``cv2.cvtColor(x, cv2.COLOR_RGB2HSV)``."""
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)  # uint8, no wrap: v >= min
+    d32 = diff.astype(np.int32)
+    s = d32 * _SDIV[v]
+    s += 1 << (_HSV_SHIFT - 1)
+    s >>= _HSV_SHIFT
+    r32, g32, b32 = r.astype(np.int32), g.astype(np.int32), b.astype(np.int32)
+    # hue numerator: which channel is the maximum decides the sector (red first, then green, as OpenCV)
+    h = r32 - g32
+    h += 4 * d32
+    is_g = v == g
+    np.copyto(h, b32 - r32 + 2 * d32, where=is_g)
+    np.copyto(h, g32 - b32, where=v == r)
+    h *= _HDIV[diff]
+    h += 1 << (_HSV_SHIFT - 1)
+    h >>= _HSV_SHIFT  # arithmetic shift: floor, as in C for these operands
+    h += (h < 0) * 180
+    return h.astype(np.uint8), s.astype(np.uint8), v
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """8-bit RGB ``(..., 3)`` to HSV with H in [0, 180), bit-exact with OpenCV's ``COLOR_RGB2HSV``."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.shape[-1] != 3:
+        raise ValueError(f"rgb_to_hsv: expected uint8 (..., 3), got {rgb.dtype} {rgb.shape}")
+    h, s, v = _hsv_planes(rgb[..., 0], rgb[..., 1], rgb[..., 2])
+    return np.stack([h, s, v], axis=-1)
+
+
+def _patch_features(planar: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit HSV patch vectors and all-black flags of a batch of small RGB frames.
+
+    planar: (B, 3, h, w) uint8 RGB, h and w multiples of ``patch``.
+    Returns (B, P, 3*patch*patch) float32 vectors divided by (norm + 1e-8), and (B, P) bool, True where the patch is
+    all zeros in HSV (black). Vector layout (c, p1, p2) and the float32 ops are the reference's, so the cosines match
+    it bit for bit.
+    """
+    b, _, h, w = planar.shape
+    x = planar.numpy()
+    hsv = np.empty((b, 3, h, w), dtype=np.uint8)
+    for i in range(b):  # one frame at a time keeps the int32 temporaries in cache
+        hsv[i, 0], hsv[i, 1], hsv[i, 2] = _hsv_planes(x[i, 0], x[i, 1], x[i, 2])
+    gh, gw = h // patch, w // patch
+    vec = torch.from_numpy(hsv).view(b, 3, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+    vec = vec.reshape(b, gh * gw, 3 * patch * patch).float()  # (B, P, D)
+    norm = torch.norm(vec, p=2, dim=-1, keepdim=True) + 1e-8  # (B, P, 1)
+    black = norm.squeeze(-1) < 0.01
+    return vec / norm, black
+
+
+class _Labeler:
+    """Streaming slow/fast decision: feed batches of small frames in order, get one label per frame."""
+
+    def __init__(self, cfg: SlowFastConfig):
+        self.cfg = cfg
+        self.ref: torch.Tensor | None = None  # (P, D) unit vectors of the last slow frame
+        self.ref_black: torch.Tensor | None = None  # (P,)
+
+    def update(self, planar: torch.Tensor) -> list[bool]:
+        """planar: (B, 3, h, w) uint8 RGB at the feature size. Returns True (slow) / False (fast) per frame."""
+        vec, black = _patch_features(planar, self.cfg.patch)  # (B, P, D), (B, P)
+        labels = [False] * vec.shape[0]
+        i = 0
+        if self.ref is None:
+            self.ref, self.ref_black = vec[0].clone(), black[0].clone()
+            labels[0], i = True, 1
+        # The sequential part: compare with the last slow frame. All remaining frames of the batch are compared at
+        # once; when one turns out slow it becomes the reference and the frames after it are compared again.
+        while i < len(labels):
+            cos = (self.ref * vec[i:]).sum(dim=-1)  # (B - i, P), the reference's per-pair expression row by row
+            same = (cos > self.cfg.similarity_threshold).numpy()
+            valid = (~(self.ref_black & black[i:])).numpy()  # a patch black in both frames says nothing
+            n_valid = valid.sum(axis=1)
+            n_same = (same & valid).sum(axis=1)
+            for j in range(len(n_valid)):
+                if self._is_new(int(n_same[j]), int(n_valid[j])):
+                    labels[i + j] = True
+                    self.ref, self.ref_black = vec[i + j].clone(), black[i + j].clone()
+                    i += j + 1
+                    break
+            else:
+                break
+        return labels
+
+    def _is_new(self, same: int, valid: int) -> bool:
+        if valid == 0:  # both frames entirely black: nothing changed (the reference computes 0/0 here)
+            return False
+        # float32 mean, as the reference's tensor mean: it decides ties such as 225/250 against 0.9
+        return float(np.float32(same) / np.float32(valid)) < self.cfg.unchanged_ratio
+
+
+def label_frames(small_frames: np.ndarray, config: SlowFastConfig | None = None) -> np.ndarray:
+    """Slow (True) / fast (False) label of each frame of ``small_frames`` (N, h, w, 3) uint8 RGB.
+
+    h and w must be multiples of ``config.patch`` (use `feature_size` and any resize). Frame 0 is slow; frame i is slow
+    when fewer than ``unchanged_ratio`` of its patches have HSV cosine similarity above ``similarity_threshold`` with
+    the last slow frame, patches black in both frames left out. Features are computed in batches; only the comparison
+    with the last slow frame is sequential.
+    """
+    cfg = config or SlowFastConfig()
+    small_frames = np.asarray(small_frames)
+    if small_frames.ndim != 4 or small_frames.shape[-1] != 3 or small_frames.dtype != np.uint8:
+        raise ValueError(f"label_frames: expected uint8 (N, h, w, 3), got {small_frames.dtype} {small_frames.shape}")
+    n, h, w, _ = small_frames.shape
+    if h % cfg.patch or w % cfg.patch:
+        raise ValueError(f"label_frames: frame size {h}x{w} is not a multiple of the patch ({cfg.patch})")
+    if not cfg.enabled:
+        return np.ones(n, dtype=bool)
+    labeler = _Labeler(cfg)
+    labels: list[bool] = []
+    for s in range(0, n, _FEATURE_BATCH):
+        batch = torch.from_numpy(np.ascontiguousarray(small_frames[s : s + _FEATURE_BATCH].transpose(0, 3, 1, 2)))
+        labels += labeler.update(batch)
+    return np.asarray(labels, dtype=bool)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_positions(pts: np.ndarray, n: int) -> np.ndarray:
+    """Positions (into the presentation-ordered ``pts``) of ``n`` frames spread uniformly in time, increasing, unique.
+
+    Constant frame rate: ``round(linspace(0, N-1, n))``, the reference's choice (ties to even). Variable frame rate:
+    the frame nearest each of ``n`` instants uniform between the first and the last presentation time. Nearest-frame
+    collisions (long gaps in a variable-rate stream) are dropped, so fewer than ``n`` positions may come back.
+    """
+    pts = np.asarray(pts)
+    total = len(pts)
+    if total == 0 or n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    n = min(n, total)
+    steps = np.diff(pts)
+    if total < 3 or steps.max() - steps.min() <= 1:  # constant frame rate (one tick of rounding allowed)
+        pos = np.linspace(0, total - 1, n)
+    else:
+        pos = np.interp(np.linspace(pts[0], pts[-1], n), pts, np.arange(total))
+    return np.unique(np.round(pos).astype(np.int64))
+
+
+def _frame_count(duration: float, sample_fps: float, cfg: SlowFastConfig) -> int:
+    # +1e-9: 60 s at 2 fps must give 120 frames even when the duration is 59.99999999 in floating point
+    n = int(duration * sample_fps + 1e-9)
+    return max(1, min(n, cfg.max_frames, max_frames_for_budget(cfg)))
+
+
+def plan_from_labels(
+    labels: np.ndarray,
+    indices: np.ndarray,
+    times: np.ndarray,
+    native_h: int,
+    native_w: int,
+    config: SlowFastConfig | None = None,
+    *,
+    video: str = "",
+    duration: float = 0.0,
+    native_fps: float = 0.0,
+    sample_fps: float = 0.0,
+) -> VideoPlan:
+    """The `VideoPlan` of frames already sampled and labelled (True = slow), sized to the token budget."""
+    cfg = config or SlowFastConfig()
+    labels = np.asarray(labels, dtype=bool)
+    n_slow = int(labels.sum())
+    slow, fast = _split_sizes(n_slow, len(labels) - n_slow, native_h, native_w, cfg)
+    frames = []
+    for lab, idx, t in zip(labels, indices, times):
+        h, w = slow if lab else fast
+        frames.append(FramePlan(int(idx), round(float(t), 6), "slow" if lab else "fast", h, w, _tokens((h, w), cfg.patch)))
+    return VideoPlan(
+        video=video,
+        duration=round(float(duration), 6),
+        native_fps=round(float(native_fps), 6),
+        sample_fps=round(float(sample_fps), 6),
+        frames=frames,
+        slow_tokens_per_frame=_tokens(slow, cfg.patch),
+        fast_tokens_per_frame=_tokens(fast, cfg.patch),
+        total_tokens=sum(f.tokens for f in frames),
+        budget=cfg.token_budget,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding (streaming; a local helper until encoders.video offers an iterator over chosen frames)
+
+
+@dataclass
+class _StreamIndex:
+    pts: np.ndarray  # (N,) int64, presentation order
+    time_base: Fraction
+    height: int
+    width: int
+    duration: Fraction  # seconds
+    start: int  # the stream's start time (time_base units): times are reported from here, as encoders.video does
+    pts_exact: bool  # packets carried presentation timestamps (else: frame order and the average rate)
+
+
+def _open_error(path: str, err: Exception) -> VideoDecodeError:
+    if isinstance(err, FileNotFoundError) or not Path(path).exists():
+        return VideoDecodeError(path, "no such file")
+    return VideoDecodeError(path, f"cannot decode ({type(err).__name__}: {err})")
+
+
+def _video_stream(container, path: str):
+    streams = [s for s in container.streams.video if not (s.disposition.value & 0x400)]  # 0x400: attached picture
+    if not streams:
+        raise VideoDecodeError(path, "no video stream")
+    return streams[0]
+
+
+def _index_pyav(path: str) -> _StreamIndex:
+    """Demux (no decoding) the video stream once: every frame's presentation time, hence N, duration and rate."""
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as err:  # PyAV raises its own error classes for every failure to open
+        raise _open_error(path, err) from err
+    with container:
+        stream = _video_stream(container, path)
+        tb = stream.time_base or Fraction(1, 1000)
+        pts, durations, missing = [], [], 0
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0 or packet.is_discard:  # flush packets; frames an edit list hides
+                    continue
+                if packet.pts is None:
+                    missing += 1
+                    continue
+                pts.append(packet.pts)
+                durations.append(packet.duration or 0)
+        except Exception as err:
+            raise VideoDecodeError(path, f"corrupt video stream ({type(err).__name__}: {err})") from err
+        height, width = stream.codec_context.height, stream.codec_context.width
+        rate = stream.average_rate or stream.guessed_rate
+        start = stream.start_time
+    if not pts and not missing:
+        raise VideoDecodeError(path, "video stream has no frames")
+    if missing:  # no presentation times (some raw or AVI streams): frames in order at the average rate
+        n = len(pts) + missing
+        rate = Fraction(rate) if rate else Fraction(25)
+        tb = 1 / rate
+        return _StreamIndex(np.arange(n, dtype=np.int64), tb, height, width, n * tb, 0, pts_exact=False)
+    order = np.unique(np.asarray(pts, dtype=np.int64))  # presentation order; duplicates are the same frame
+    last = durations[int(np.argmax(pts))] or (int(np.median(np.diff(order))) if len(order) > 1 else 0)
+    if last == 0:  # a single frame without a duration: one frame period from the stream rate
+        last = int(1 / (Fraction(rate) * tb)) if rate else 1
+    start = order[0] if start is None else min(int(start), int(order[0]))
+    return _StreamIndex(order, tb, height, width, (int(order[-1] - order[0]) + last) * tb, start, pts_exact=True)
+
+
+def _decode_pyav(path: str, index: _StreamIndex, positions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (k, native RGB frame) for the frames at ``positions`` (into ``index.pts``), in order.
+
+    Packets of frames not asked for are decoded with ``skip_frame=NONREF``: a frame that no other frame references is
+    then not decoded at all (frames that are asked for, and reference frames, decode as usual, so pixels are exact).
+    """
+    import av
+
+    wanted = {int(p): k for k, p in enumerate(index.pts[positions])} if index.pts_exact else None
+    by_order = {int(p): k for k, p in enumerate(positions)}  # used when packets carry no timestamps
+    with av.open(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        ctx = stream.codec_context
+        got, order = 0, 0
+        try:
+            for packet in container.demux(stream):
+                if wanted is not None:
+                    ctx.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+                for frame in ctx.decode(packet):
+                    k = wanted.pop(frame.pts, None) if wanted is not None else by_order.get(order)
+                    order += 1
+                    if k is not None:
+                        yield k, frame.to_ndarray(format="rgb24")
+                        got += 1
+                        if got == len(positions):
+                            return
+        except av.error.FFmpegError as err:
+            raise VideoDecodeError(path, f"decoding failed ({type(err).__name__}: {err})") from err
+    if got < len(positions):
+        raise VideoDecodeError(path, f"decoded {got} of the {len(positions)} sampled frames (truncated file?)")
+
+
+def _index_decord(path: str) -> tuple[_StreamIndex, object]:
+    import decord
+
+    try:
+        reader = decord.VideoReader(path, num_threads=0)
+    except Exception as err:  # decord raises DECORDError (a RuntimeError) for every failure
+        raise _open_error(path, err) from err
+    n = len(reader)
+    if n == 0:
+        raise VideoDecodeError(path, "video stream has no frames")
+    stamps = reader.get_frame_timestamp(range(n))  # (N, 2) start, end seconds
+    tb = Fraction(1, 1_000_000)
+    pts = np.round(stamps[:, 0] * 1e6).astype(np.int64)
+    h, w = reader[0].shape[:2]
+    duration = Fraction(round((stamps[-1, 1] - stamps[0, 0]) * 1e6)) * tb
+    reader.seek(0)
+    return _StreamIndex(pts, tb, h, w, duration, 0, pts_exact=True), reader
+
+
+def _decode_decord(reader, positions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    for s in range(0, len(positions), _FEATURE_BATCH):
+        chunk = positions[s : s + _FEATURE_BATCH]
+        batch = reader.get_batch(chunk.tolist()).asnumpy()
+        for j in range(len(chunk)):
+            yield s + j, batch[j]
+
+
+def _threaded(it: Iterator, maxsize: int = _DECODE_QUEUE) -> Iterator:
+    """Run an iterator in a thread (decoding overlaps the features), with a bounded queue; errors re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            q.put(err)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def _resize(planar: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, h, w) uint8, antialiased bilinear (the reference's downscale for features)."""
+    if tuple(planar.shape[-2:]) == tuple(hw):
+        return planar
+    return F.interpolate(planar, size=hw, mode="bilinear", antialias=True)
+
+
+def plan_video(
+    path: str | Path, config: SlowFastConfig | None = None, *, backend: str = "auto"
+) -> tuple[VideoPlan, list[np.ndarray]]:
+    """Sample, label and size the frames of a video; return the plan and the frames at their planned sizes.
+
+    Returns ``(plan, frames)`` with ``frames[i]`` an (h, w, 3) uint8 RGB array of ``plan.frames[i].height x width``.
+    The video is decoded once, streaming: each sampled frame is downscaled for the similarity features and kept at
+    no more than the largest size it can still get (the budget with the slow frames seen so far and every later frame
+    fast); after the last frame the sizes are final and kept frames are downscaled to them when needed. Memory is a
+    few native frames plus, at worst, about twice the budget's pixels.
+
+    backend: "auto" or "pyav" (PyAV, skipping frames nobody references), or "decord". The pixels are identical.
+    """
+    cfg = config or SlowFastConfig()
+    path = str(path)
+    if backend not in ("auto", "pyav", "decord"):
+        raise ValueError(f"plan_video: unknown backend {backend!r} (auto, pyav, decord)")
+    if not Path(path).is_file():
+        raise VideoDecodeError(path, "no such file")
+    if backend == "decord":
+        index, reader = _index_decord(path)
+    else:
+        index, reader = _index_pyav(path), None
+    total = len(index.pts)
+    duration = float(index.duration)
+    native_fps = total / duration if duration > 0 else float(cfg.fps)
+    sample_fps = min(cfg.fps, native_fps)
+    wanted = _frame_count(duration, sample_fps, cfg)
+    positions = sample_positions(index.pts, wanted)
+    n = len(positions)
+    if n < int(duration * sample_fps + 1e-9):  # capped by max_frames or the budget: report the rate actually used
+        sample_fps = n / duration
+    times = (index.pts[positions] - index.start) * float(index.time_base)
+    height, width = index.height, index.width
+    if height < 1 or width < 1:
+        raise VideoDecodeError(path, f"video stream has no frame size ({width}x{height})")
+    small_hw = feature_size(height, width, cfg)
+
+    frames_it = _decode_decord(reader, positions) if reader is not None else _decode_pyav(path, index, positions)
+    labeler = _Labeler(cfg)
+    labels = np.ones(n, dtype=bool)  # stays all-slow when Slow-Fast is disabled
+    kept: list[np.ndarray] = []
+    n_slow = 0 if cfg.enabled else n
+    # Largest sizes any frame can still get: the slow frames so far, every later frame fast. Sizes only shrink as
+    # slow frames come in, so a frame kept at the bound is never upscaled at the end.
+    bound = _split_sizes(max(n_slow, 1), n - max(n_slow, 1), height, width, cfg)
+
+    def flush(batch: list[np.ndarray]) -> None:
+        nonlocal n_slow, bound
+        start = len(kept)
+        if len({f.shape for f in batch}) == 1:
+            groups = [np.stack(batch)]
+        else:  # the frame size changed mid-stream: one frame at a time
+            groups = [f[None] for f in batch]
+        for group in groups:
+            planar = torch.from_numpy(group).permute(0, 3, 1, 2)  # (B, 3, H, W) view, channels-last memory
+            if cfg.enabled:
+                small = _resize(planar, small_hw).contiguous()  # (B, 3, h, w) planar
+                labels[len(kept) : len(kept) + len(group)] = labeler.update(small)
+            for j in range(len(group)):
+                slow = bool(labels[len(kept)])
+                if cfg.enabled and slow:
+                    n_slow += 1
+                    if n_slow > 1:
+                        bound = _split_sizes(n_slow, n - n_slow, height, width, cfg)
+                img = _resize(planar[j : j + 1], bound[0] if slow else bound[1])  # (1, 3, h, w)
+                kept.append(img[0].permute(1, 2, 0).numpy().copy())  # (h, w, 3)
+        assert len(kept) == start + len(batch)
+
+    batch: list[np.ndarray] = []
+    pending: dict[int, np.ndarray] = {}  # frames arriving out of order wait here (the labels need time order)
+    for k, frame in _threaded(frames_it):
+        pending[k] = frame
+        while len(kept) + len(batch) in pending:
+            batch.append(pending.pop(len(kept) + len(batch)))
+            if len(batch) == _FEATURE_BATCH:
+                flush(batch)
+                batch = []
+    if batch:
+        flush(batch)
+    if len(kept) < n:
+        raise VideoDecodeError(path, f"decoded {len(kept)} of the {n} sampled frames")
+
+    plan = plan_from_labels(
+        labels,
+        positions,
+        times,
+        height,
+        width,
+        cfg,
+        video=path,
+        duration=duration,
+        native_fps=native_fps,
+        sample_fps=sample_fps,
+    )
+    out = []
+    for fp, img in zip(plan.frames, kept):
+        if img.shape[:2] != (fp.height, fp.width):
+            img = _resize(torch.from_numpy(img).permute(2, 0, 1)[None], (fp.height, fp.width))[0]
+            img = img.permute(1, 2, 0).numpy().copy()
+        out.append(img)
+    return plan, out
