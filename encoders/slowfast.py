@@ -53,10 +53,11 @@ __all__ = [
     "plan_video",
 ]
 
-# Features are computed this many frames at a time: about 40 MB of float32 patch vectors at 256 tokens per frame.
-_FEATURE_BATCH = 16
-# Native-resolution RGB frames waiting between the decoder thread and the planner (bounded memory).
-_DECODE_QUEUE = 8
+# Features are computed this many frames at a time: about 20 MB of float32 patch vectors at 256 tokens per frame.
+_FEATURE_BATCH = 8
+# Native-resolution RGB frames in flight (a batch being processed plus the decoder thread's queue): at most this many
+# bytes, so a 4K video keeps fewer frames in flight than a 720p one.
+_NATIVE_BYTES = 64 << 20
 
 
 @dataclass
@@ -71,10 +72,10 @@ class SlowFastConfig:
     fast_ratio: float = 0.3  # a fast frame gets int(fast_ratio * slow tokens) tokens ...
     min_fast_tokens: int = 48  # ... but at least this many
     similarity_threshold: float = 0.7  # a patch is unchanged when its HSV cosine similarity exceeds this
-    unchanged_ratio: float = 0.9  # a frame is a new slow frame when fewer than this share of patches is unchanged
+    unchanged_ratio: float = 0.9  # new slow frame when fewer than this share of patches is unchanged
     enabled: bool = True  # False: every frame is slow and sampled uniformly (plain uniform sampling)
     patch: int = 28  # pixels per LLM token side (14-pixel ViT patches merged 2x2)
-    feature_max_tokens: int = 256  # the similarity features are computed on frames of at most this many patches
+    feature_max_tokens: int = 256  # similarity features on frames of at most this many patches
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,7 +90,9 @@ class SlowFastConfig:
         if self.patch < 1 or self.feature_max_tokens < 1:
             problems.append("need patch >= 1 and feature_max_tokens >= 1")
         if self.token_budget < _min_frame_cost(self):
-            problems.append(f"token_budget {self.token_budget} cannot hold one frame of {_min_frame_cost(self)} tokens")
+            problems.append(
+                f"token_budget {self.token_budget} cannot hold one frame of {_min_frame_cost(self)} tokens"
+            )
         if problems:
             raise ConfigError("SlowFastConfig", "; ".join(problems))
 
@@ -129,7 +132,9 @@ class VideoPlan:
             "duration": self.duration,
             "native_fps": self.native_fps,
             "sample_fps": self.sample_fps,
-            "frames": [{"index": f.index, "time": f.time, "kind": f.kind, "tokens": f.tokens} for f in self.frames],
+            "frames": [
+                {"index": f.index, "time": f.time, "kind": f.kind, "tokens": f.tokens} for f in self.frames
+            ],
             "slow_tokens_per_frame": self.slow_tokens_per_frame,
             "fast_tokens_per_frame": self.fast_tokens_per_frame,
             "total_tokens": self.total_tokens,
@@ -145,7 +150,9 @@ class VideoPlan:
 # Sizes and the token budget
 
 
-def fit_tokens(height: int, width: int, max_tokens: int, min_tokens: int = 1, patch: int = 28) -> tuple[int, int]:
+def fit_tokens(
+    height: int, width: int, max_tokens: int, min_tokens: int = 1, patch: int = 28
+) -> tuple[int, int]:
     """Size ``(h, w)`` in multiples of ``patch`` that keeps the aspect ratio and costs at most ``max_tokens`` tokens.
 
     Same rule as smart_resize (round each side to the patch; if that is too large scale down and floor, if too small
@@ -154,7 +161,9 @@ def fit_tokens(height: int, width: int, max_tokens: int, min_tokens: int = 1, pa
     there). ``min_tokens`` is a floor that gives way to that cap.
     """
     if height < 1 or width < 1 or max_tokens < 1:
-        raise ValueError(f"fit_tokens: need a positive size and cap, got {height}x{width}, max_tokens={max_tokens}")
+        raise ValueError(
+            f"fit_tokens: need a positive size and cap, got {height}x{width}, max_tokens={max_tokens}"
+        )
     gh, gw = max(1, round(height / patch)), max(1, round(width / patch))
     if gh * gw > max_tokens:
         beta = math.sqrt(height * width / (max_tokens * patch * patch))
@@ -176,14 +185,18 @@ def fit_tokens(height: int, width: int, max_tokens: int, min_tokens: int = 1, pa
 def feature_size(height: int, width: int, config: SlowFastConfig | None = None) -> tuple[int, int]:
     """Size of the downscaled frames the similarity features are computed on (at most 256 patches by default)."""
     cfg = config or SlowFastConfig()
-    return fit_tokens(height, width, cfg.feature_max_tokens, min(cfg.min_tokens, cfg.feature_max_tokens), cfg.patch)
+    return fit_tokens(
+        height, width, cfg.feature_max_tokens, min(cfg.min_tokens, cfg.feature_max_tokens), cfg.patch
+    )
 
 
 def _tokens(hw: tuple[int, int], patch: int) -> int:
     return (hw[0] // patch) * (hw[1] // patch)
 
 
-def _sizes(slow_cap: int, height: int, width: int, cfg: SlowFastConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+def _sizes(
+    slow_cap: int, height: int, width: int, cfg: SlowFastConfig
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """Slow and fast frame sizes when slow frames may cost ``slow_cap`` tokens."""
     slow = fit_tokens(height, width, slow_cap, cfg.min_tokens, cfg.patch)
     fast_cap = max(int(cfg.fast_ratio * _tokens(slow, cfg.patch)), cfg.min_fast_tokens)
@@ -327,7 +340,8 @@ class _Labeler:
         # The sequential part: compare with the last slow frame. All remaining frames of the batch are compared at
         # once; when one turns out slow it becomes the reference and the frames after it are compared again.
         while i < len(labels):
-            cos = (self.ref * vec[i:]).sum(dim=-1)  # (B - i, P), the reference's per-pair expression row by row
+            # (B - i, P): the reference's per-pair expression, row by row
+            cos = (self.ref * vec[i:]).sum(dim=-1)
             same = (cos > self.cfg.similarity_threshold).numpy()
             valid = (~(self.ref_black & black[i:])).numpy()  # a patch black in both frames says nothing
             n_valid = valid.sum(axis=1)
@@ -360,7 +374,9 @@ def label_frames(small_frames: np.ndarray, config: SlowFastConfig | None = None)
     cfg = config or SlowFastConfig()
     small_frames = np.asarray(small_frames)
     if small_frames.ndim != 4 or small_frames.shape[-1] != 3 or small_frames.dtype != np.uint8:
-        raise ValueError(f"label_frames: expected uint8 (N, h, w, 3), got {small_frames.dtype} {small_frames.shape}")
+        raise ValueError(
+            f"label_frames: expected uint8 (N, h, w, 3), got {small_frames.dtype} {small_frames.shape}"
+        )
     n, h, w, _ = small_frames.shape
     if h % cfg.patch or w % cfg.patch:
         raise ValueError(f"label_frames: frame size {h}x{w} is not a multiple of the patch ({cfg.patch})")
@@ -369,7 +385,9 @@ def label_frames(small_frames: np.ndarray, config: SlowFastConfig | None = None)
     labeler = _Labeler(cfg)
     labels: list[bool] = []
     for s in range(0, n, _FEATURE_BATCH):
-        batch = torch.from_numpy(np.ascontiguousarray(small_frames[s : s + _FEATURE_BATCH].transpose(0, 3, 1, 2)))
+        batch = torch.from_numpy(
+            np.ascontiguousarray(small_frames[s : s + _FEATURE_BATCH].transpose(0, 3, 1, 2))
+        )
         labels += labeler.update(batch)
     return np.asarray(labels, dtype=bool)
 
@@ -425,7 +443,11 @@ def plan_from_labels(
     frames = []
     for lab, idx, t in zip(labels, indices, times):
         h, w = slow if lab else fast
-        frames.append(FramePlan(int(idx), round(float(t), 6), "slow" if lab else "fast", h, w, _tokens((h, w), cfg.patch)))
+        frames.append(
+            FramePlan(
+                int(idx), round(float(t), 6), "slow" if lab else "fast", h, w, _tokens((h, w), cfg.patch)
+            )
+        )
     return VideoPlan(
         video=video,
         duration=round(float(duration), 6),
@@ -450,7 +472,7 @@ class _StreamIndex:
     height: int
     width: int
     duration: Fraction  # seconds
-    start: int  # the stream's start time (time_base units): times are reported from here, as encoders.video does
+    start: int  # stream start time (time_base units): times count from here, as in encoders.video
     pts_exact: bool  # packets carried presentation timestamps (else: frame order and the average rate)
 
 
@@ -461,7 +483,8 @@ def _open_error(path: str, err: Exception) -> VideoDecodeError:
 
 
 def _video_stream(container, path: str):
-    streams = [s for s in container.streams.video if not (s.disposition.value & 0x400)]  # 0x400: attached picture
+    # 0x400: attached picture (cover art of an audio file), not a video
+    streams = [s for s in container.streams.video if not (s.disposition.value & 0x400)]
     if not streams:
         raise VideoDecodeError(path, "no video stream")
     return streams[0]
@@ -505,7 +528,9 @@ def _index_pyav(path: str) -> _StreamIndex:
     if last == 0:  # a single frame without a duration: one frame period from the stream rate
         last = int(1 / (Fraction(rate) * tb)) if rate else 1
     start = order[0] if start is None else min(int(start), int(order[0]))
-    return _StreamIndex(order, tb, height, width, (int(order[-1] - order[0]) + last) * tb, start, pts_exact=True)
+    return _StreamIndex(
+        order, tb, height, width, (int(order[-1] - order[0]) + last) * tb, start, pts_exact=True
+    )
 
 
 def _decode_pyav(path: str, index: _StreamIndex, positions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -538,7 +563,9 @@ def _decode_pyav(path: str, index: _StreamIndex, positions: np.ndarray) -> Itera
         except av.error.FFmpegError as err:
             raise VideoDecodeError(path, f"decoding failed ({type(err).__name__}: {err})") from err
     if got < len(positions):
-        raise VideoDecodeError(path, f"decoded {got} of the {len(positions)} sampled frames (truncated file?)")
+        raise VideoDecodeError(
+            path, f"decoded {got} of the {len(positions)} sampled frames (truncated file?)"
+        )
 
 
 def _index_decord(path: str) -> tuple[_StreamIndex, object]:
@@ -568,7 +595,7 @@ def _decode_decord(reader, positions: np.ndarray) -> Iterator[tuple[int, np.ndar
             yield s + j, batch[j]
 
 
-def _threaded(it: Iterator, maxsize: int = _DECODE_QUEUE) -> Iterator:
+def _threaded(it: Iterator, maxsize: int) -> Iterator:
     """Run an iterator in a thread (decoding overlaps the features), with a bounded queue; errors re-raised here."""
     q: queue.Queue = queue.Queue(maxsize)
     stop = threading.Event()
@@ -640,7 +667,7 @@ def plan_video(
     wanted = _frame_count(duration, sample_fps, cfg)
     positions = sample_positions(index.pts, wanted)
     n = len(positions)
-    if n < int(duration * sample_fps + 1e-9):  # capped by max_frames or the budget: report the rate actually used
+    if n < int(duration * sample_fps + 1e-9):  # capped (max_frames, budget): report the rate used
         sample_fps = n / duration
     times = (index.pts[positions] - index.start) * float(index.time_base)
     height, width = index.height, index.width
@@ -648,7 +675,9 @@ def plan_video(
         raise VideoDecodeError(path, f"video stream has no frame size ({width}x{height})")
     small_hw = feature_size(height, width, cfg)
 
-    frames_it = _decode_decord(reader, positions) if reader is not None else _decode_pyav(path, index, positions)
+    frames_it = (
+        _decode_decord(reader, positions) if reader is not None else _decode_pyav(path, index, positions)
+    )
     labeler = _Labeler(cfg)
     labels = np.ones(n, dtype=bool)  # stays all-slow when Slow-Fast is disabled
     kept: list[np.ndarray] = []
@@ -659,33 +688,29 @@ def plan_video(
 
     def flush(batch: list[np.ndarray]) -> None:
         nonlocal n_slow, bound
-        start = len(kept)
-        if len({f.shape for f in batch}) == 1:
-            groups = [np.stack(batch)]
-        else:  # the frame size changed mid-stream: one frame at a time
-            groups = [f[None] for f in batch]
-        for group in groups:
-            planar = torch.from_numpy(group).permute(0, 3, 1, 2)  # (B, 3, H, W) view, channels-last memory
-            if cfg.enabled:
-                small = _resize(planar, small_hw).contiguous()  # (B, 3, h, w) planar
-                labels[len(kept) : len(kept) + len(group)] = labeler.update(small)
-            for j in range(len(group)):
-                slow = bool(labels[len(kept)])
-                if cfg.enabled and slow:
-                    n_slow += 1
-                    if n_slow > 1:
-                        bound = _split_sizes(n_slow, n - n_slow, height, width, cfg)
-                img = _resize(planar[j : j + 1], bound[0] if slow else bound[1])  # (1, 3, h, w)
-                kept.append(img[0].permute(1, 2, 0).numpy().copy())  # (h, w, 3)
-        assert len(kept) == start + len(batch)
+        # (1, 3, H, W) views with channels-last memory, as the reference's permuted batch
+        native = [torch.from_numpy(f).permute(2, 0, 1)[None] for f in batch]
+        if cfg.enabled:
+            small = torch.cat([_resize(x, small_hw) for x in native]).contiguous()  # (B, 3, h, w) planar
+            labels[len(kept) : len(kept) + len(batch)] = labeler.update(small)
+        for x in native:
+            slow = bool(labels[len(kept)])
+            if cfg.enabled and slow:
+                n_slow += 1
+                if n_slow > 1:
+                    bound = _split_sizes(n_slow, n - n_slow, height, width, cfg)
+            img = _resize(x, bound[0] if slow else bound[1])  # (1, 3, h, w)
+            kept.append(np.ascontiguousarray(img[0].permute(1, 2, 0).numpy()))  # (h, w, 3)
 
+    # Native frames alive at once: a batch plus the decoder's queue, about 64 MB whatever the resolution.
+    per_batch = max(1, min(_FEATURE_BATCH, _NATIVE_BYTES // (2 * height * width * 3)))
     batch: list[np.ndarray] = []
     pending: dict[int, np.ndarray] = {}  # frames arriving out of order wait here (the labels need time order)
-    for k, frame in _threaded(frames_it):
+    for k, frame in _threaded(frames_it, maxsize=per_batch):
         pending[k] = frame
         while len(kept) + len(batch) in pending:
             batch.append(pending.pop(len(kept) + len(batch)))
-            if len(batch) == _FEATURE_BATCH:
+            if len(batch) == per_batch:
                 flush(batch)
                 batch = []
     if batch:
@@ -709,6 +734,6 @@ def plan_video(
     for fp, img in zip(plan.frames, kept):
         if img.shape[:2] != (fp.height, fp.width):
             img = _resize(torch.from_numpy(img).permute(2, 0, 1)[None], (fp.height, fp.width))[0]
-            img = img.permute(1, 2, 0).numpy().copy()
+            img = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
         out.append(img)
     return plan, out

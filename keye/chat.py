@@ -105,25 +105,25 @@ class ChatSession:
         return self.last_reply
 
     @staticmethod
-    def _content(text: str, images, videos) -> list[dict]:
-        parts = [{"type": "video", "video": v} for v in videos] + [
-            {"type": "image", "image": i} for i in images
-        ]
+    def content(text: str, images=(), videos=()) -> list[dict]:
+        """A user turn's content parts: videos, then images, then the text."""
+        parts = [{"type": "video", "video": v} for v in videos] + [{"type": "image", "image": i} for i in images]
         return parts + [{"type": "text", "text": text}]
 
     @torch.inference_mode()
-    def ask(self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs) -> Reply:
-        """Ask and wait for the whole reply."""
-        content = self._content(text, images, videos)
+    def send(self, content: list[dict], *, max_new_tokens: int = 256, **gen_kwargs) -> Reply:
+        """Add a user turn given as content parts (any order of text/image/video) and wait for the whole reply."""
         inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
         out = self.model.generate(**kwargs)
         return self._finish(kwargs, out, inputs, content)
 
-    def stream(
-        self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs
-    ) -> Iterator[str]:
+    def ask(self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs) -> Reply:
+        """Ask and wait for the whole reply."""
+        return self.send(self.content(text, images, videos), max_new_tokens=max_new_tokens, **gen_kwargs)
+
+    def stream(self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs) -> Iterator[str]:
         """Ask and yield the reply's text as it is generated; ``last_reply`` holds the whole reply afterwards."""
-        content = self._content(text, images, videos)
+        content = self.content(text, images, videos)
         inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}

@@ -36,6 +36,8 @@ def _chat(args) -> int:
     overrides = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
     if args.token_budget is not None:
         overrides["token_budget"] = args.token_budget
+    if args.tools:
+        return _chat_tools(args, model, processor)
     session = ChatSession(model, processor, think=args.think, **overrides)
     gen = {"max_new_tokens": args.max_new_tokens}
 
@@ -61,6 +63,37 @@ def _chat(args) -> int:
             break
         turn(text, **media)
         media = {"images": (), "videos": ()}  # media go with the first turn; later turns reuse the KV cache
+    return 0
+
+
+def _chat_tools(args, model, processor) -> int:
+    """Thyme loop: the model may run Python on the images in the sandbox before answering."""
+    from keye.chat import ChatSession
+    from keye.tools.loop import TOOL_SYSTEM_PROMPT, run_tool_loop
+
+    if args.prompt is None or not args.image:
+        from keye.errors import KeyeInputError
+
+        raise KeyeInputError("--tools", "needs --prompt and at least one --image")
+    session = ChatSession(model, processor, think=args.think, system=TOOL_SYSTEM_PROMPT)
+
+    def show(rnd) -> None:
+        if args.json:
+            return
+        print(rnd.text)
+        if rnd.result is not None:
+            r = rnd.result
+            status = "ok" if r.ok else f"failed ({r.killed_by or r.error})"
+            print(f"[sandbox {status} in {r.elapsed_s:.2f} s; repairs: {r.repairs or 'none'}; images: {r.images}]")
+            if r.stdout:
+                print(r.stdout.rstrip())
+
+    trace = run_tool_loop(session, args.prompt, args.image, max_rounds=args.max_rounds,
+                          max_new_tokens=args.max_new_tokens, on_round=show)
+    if args.json:
+        print(json.dumps(trace.to_dict()))
+    else:
+        print(f"answer: {trace.answer} (stopped: {trace.stopped})")
     return 0
 
 
@@ -185,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="video sampling rate (default: the model's, at most 2)")
     p.add_argument("--max-frames", type=int, help="cap on sampled frames")
     p.add_argument("--token-budget", type=int, help="vision token budget per video")
+    p.add_argument("--tools", action="store_true", help="Thyme mode: the model may run Python on the images")
+    p.add_argument("--max-rounds", type=int, default=4, help="code rounds before an answer is demanded (--tools)")
+    p.add_argument("--json", action="store_true", help="with --tools: print the whole trace as JSON")
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("frames", help="show which frames Slow-Fast selection samples, and their token costs")

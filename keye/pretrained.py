@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_WEIGHTS = ASSETS / "keye-tiny.safetensors"
-TINY_RECIPE_VERSION = "2"  # bump when the way keye-tiny is assembled changes, to rebuild caches
+TINY_RECIPE_VERSION = "3"  # bump when the way keye-tiny is assembled changes, to rebuild caches
 
 # keye-tiny's video defaults: 112x112-ish frames (16 tokens) for slow frames, a small budget for a 2-core CPU.
 TINY_SETTINGS = dict(
@@ -65,9 +65,12 @@ def smollm2_gguf() -> Path:
 
 def add_keye_tokens(tokenizer) -> dict[str, int]:
     """Add the Keye special tokens (vision, frame, fast, think markers) to a tokenizer; returns their ids."""
-    new = [t for t in VISION_TOKENS.values() if t not in tokenizer.get_vocab()]
-    if new:
-        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    vocab = tokenizer.get_vocab()
+    plain = {VISION_TOKENS["think_start"], VISION_TOKENS["think_end"]}  # kept when decoding, like Qwen3's
+    special = [t for t in VISION_TOKENS.values() if t not in vocab and t not in plain]
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+    tokenizer.add_tokens(sorted(t for t in plain if t not in vocab), special_tokens=False)
     return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in VISION_TOKENS.items()}
 
 

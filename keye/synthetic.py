@@ -707,8 +707,8 @@ def _order_question(rng: np.random.Generator, scenes: Sequence[Scene]) -> QA | N
 
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
     h, w = int(size[0]), int(size[1])
-    if h < 28 or w < 28 or h % 2 or w % 2:
-        raise ValueError(f"size must be (H, W) with even sides >= 28 (H.264 4:2:0), got {tuple(size)}")
+    if h < 56 or w < 56 or h % 2 or w % 2:
+        raise ValueError(f"size must be (H, W) with even sides >= 56 (H.264 4:2:0), got {tuple(size)}")
     return h, w
 
 

@@ -311,7 +311,9 @@ def test_cli_synthetic_and_compare(tmp_path, monkeypatch, capsys):
         made.append(model_name)
         return ScriptedPredictor(name=model_name)
 
-    monkeypatch.setitem(sys.modules, "keye.predictor", types.SimpleNamespace(make_predictor=make_predictor))
+    monkeypatch.setitem(
+        sys.modules, "keye.eval.keye_predictor", types.SimpleNamespace(make_predictor=make_predictor)
+    )
     parser = argparse.ArgumentParser(prog="keye")
     add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "syn"

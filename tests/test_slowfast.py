@@ -34,7 +34,9 @@ FIXTURES = sorted((ROOT / "tests" / "fixtures" / "slowfast").glob("*.json"))
 
 def _load_videos_module():
     # The generator lives beside the script that made the fixtures (bench/baselines), so both build the same videos.
-    spec = importlib.util.spec_from_file_location("slowfast_videos", ROOT / "bench" / "baselines" / "slowfast_videos.py")
+    spec = importlib.util.spec_from_file_location(
+        "slowfast_videos", ROOT / "bench" / "baselines" / "slowfast_videos.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("slowfast_videos", module)
     spec.loader.exec_module(module)
@@ -65,7 +67,9 @@ def _video(vdir: Path, name: str, spec: dict) -> Path:
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.stem for f in FIXTURES])
 def test_labels_match_reference_fixture(fixture, vdir):
     fx = json.loads(fixture.read_text())
-    assert fx["generator_version"] == videos.GENERATOR_VERSION, "regenerate: bench/baselines/make_slowfast_fixtures.py"
+    assert fx["generator_version"] == videos.GENERATOR_VERSION, (
+        "regenerate: bench/baselines/make_slowfast_fixtures.py"
+    )
     plan, frames = plan_video(_video(vdir, fx["name"], fx["spec"]))
     ours = [int(f.kind == "slow") for f in plan.frames]
     assert [f.index for f in plan.frames] == fx["indices"]  # same frames sampled
@@ -102,7 +106,8 @@ def test_reference_search_overshoots_ours_does_not():
     t = reference(n_slow, n_fast, budget)
     assert n_slow * t + n_fast * max(int(0.3 * t), 48) > budget  # one step too far
     cfg = SlowFastConfig(token_budget=budget)
-    slow, fast = token_budget_split(n_slow, n_fast, 28, 28 * 2000, cfg)  # one row of patches: any count reachable
+    # one row of patches: every token count is reachable
+    slow, fast = token_budget_split(n_slow, n_fast, 28, 28 * 2000, cfg)
     assert n_slow * slow + n_fast * fast <= budget
     assert slow == t - 1
 
@@ -120,12 +125,18 @@ def _expected_slow(indices: list[int], cuts: list[int]) -> list[int]:
 
 
 def test_scene_cuts_are_exactly_the_slow_frames(vdir):
-    spec = {"height": 168, "width": 224, "fps": 20, "seed": 11, "scenes": [
-        {"type": "blocks", "duration": 2.3, "square": 20, "speed": 30.0},
-        {"type": "blocks", "duration": 3.1, "square": 20, "speed": 30.0},
-        {"type": "blocks", "duration": 1.7},
-        {"type": "blocks", "duration": 2.9, "square": 20, "speed": 30.0},
-    ]}
+    spec = {
+        "height": 168,
+        "width": 224,
+        "fps": 20,
+        "seed": 11,
+        "scenes": [
+            {"type": "blocks", "duration": 2.3, "square": 20, "speed": 30.0},
+            {"type": "blocks", "duration": 3.1, "square": 20, "speed": 30.0},
+            {"type": "blocks", "duration": 1.7},
+            {"type": "blocks", "duration": 2.9, "square": 20, "speed": 30.0},
+        ],
+    }
     plan, _ = plan_video(_video(vdir, "cuts", spec))
     indices = [f.index for f in plan.frames]
     slow = [k for k, f in enumerate(plan.frames) if f.kind == "slow"]
@@ -164,7 +175,9 @@ def test_all_black_video(vdir):
 def test_short_clip_gives_one_frame(vdir):
     # 0.3 s: the reference samples int(0.3 * 2) = 0 frames
     rng = np.random.default_rng(0)
-    path = write_video(vdir / "short.mp4", [rng.integers(0, 255, (56, 84, 3), dtype=np.uint8) for _ in range(3)], 10)
+    path = write_video(
+        vdir / "short.mp4", [rng.integers(0, 255, (56, 84, 3), dtype=np.uint8) for _ in range(3)], 10
+    )
     plan, frames = plan_video(path)
     assert len(plan.frames) == 1 and plan.frames[0].kind == "slow" and plan.frames[0].index == 0
     assert plan.duration == pytest.approx(0.3) and plan.total_tokens <= plan.budget
@@ -187,8 +200,17 @@ def test_variable_frame_rate_times(vdir):
 
 
 def test_pyav_when_decord_is_missing(vdir, monkeypatch):
-    path = _video(vdir, "cuts_small", {"height": 112, "width": 140, "fps": 10, "seed": 3, "scenes": [
-        {"type": "blocks", "duration": 2.0}, {"type": "blocks", "duration": 2.0}]})
+    path = _video(
+        vdir,
+        "cuts_small",
+        {
+            "height": 112,
+            "width": 140,
+            "fps": 10,
+            "seed": 3,
+            "scenes": [{"type": "blocks", "duration": 2.0}, {"type": "blocks", "duration": 2.0}],
+        },
+    )
     monkeypatch.setitem(sys.modules, "decord", None)  # import decord -> ImportError
     plan, frames = plan_video(path)
     monkeypatch.undo()
@@ -200,8 +222,17 @@ def test_pyav_when_decord_is_missing(vdir, monkeypatch):
 
 
 def test_disabled_is_uniform_all_slow(vdir):
-    path = _video(vdir, "cuts_small", {"height": 112, "width": 140, "fps": 10, "seed": 3, "scenes": [
-        {"type": "blocks", "duration": 2.0}, {"type": "blocks", "duration": 2.0}]})
+    path = _video(
+        vdir,
+        "cuts_small",
+        {
+            "height": 112,
+            "width": 140,
+            "fps": 10,
+            "seed": 3,
+            "scenes": [{"type": "blocks", "duration": 2.0}, {"type": "blocks", "duration": 2.0}],
+        },
+    )
     plan, frames = plan_video(path, SlowFastConfig(enabled=False))
     assert [f.kind for f in plan.frames] == ["slow"] * 8
     assert [f.index for f in plan.frames] == np.round(np.linspace(0, 39, 8)).astype(int).tolist()
@@ -215,6 +246,48 @@ def test_frames_dropped_evenly_when_budget_is_small(vdir):
     assert plan.total_tokens <= 480
     assert [f.index for f in plan.frames] == np.round(np.linspace(0, 299, 10)).astype(int).tolist()
     assert plan.sample_fps == pytest.approx(10 / 30)
+
+
+def test_frames_kept_at_a_bound_then_sized(vdir):
+    """A budget that binds: frames are kept at the largest size still possible, then downscaled to the final size."""
+    import torch
+    import torch.nn.functional as F
+
+    from keye.encoders.video import iter_frames
+
+    spec = {
+        "height": 230,
+        "width": 350,
+        "fps": 10,
+        "seed": 6,
+        "scenes": [
+            {"type": "blocks", "duration": 1.5},
+            {"type": "pan", "duration": 6.0, "speed": 30.0},
+            {"type": "blocks", "duration": 2.5},
+        ],
+    }
+    path = _video(vdir, "bound", spec)
+    cfg = SlowFastConfig(token_budget=1500)
+    plan, frames = plan_video(path, cfg)
+    # the budget binds: native size would be 8 x 12 = 96 tokens
+    assert plan.total_tokens <= 1500 and plan.slow_tokens_per_frame < 96
+    assert sum(f.kind == "slow" for f in plan.frames) > 3
+    assert [fr.shape[:2] for fr in frames] == [(f.height, f.width) for f in plan.frames]
+    native = np.concatenate(
+        [c.frames for c in iter_frames(path, indices=[f.index for f in plan.frames], backend="pyav")]
+    )
+    for f, ours, nat in zip(plan.frames, frames, native):
+        direct = (
+            F.interpolate(
+                torch.from_numpy(nat).permute(2, 0, 1)[None],
+                size=(f.height, f.width),
+                mode="bilinear",
+                antialias=True,
+            )[0]
+            .permute(1, 2, 0)
+            .numpy()
+        )
+        assert np.abs(ours.astype(int) - direct).mean() < 4  # two antialiased downscales vs one
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,8 +327,23 @@ def test_bad_config():
 # ---------------------------------------------------------------------------------------------------------------------
 # Budget and sizes, computed without decoding
 
-RESOLUTIONS = [(16, 16), (56, 56), (90, 160), (240, 320), (360, 640), (720, 1280), (1080, 1920), (1920, 1080),
-               (2160, 3840), (3840, 2160), (4320, 7680), (20, 4000), (4000, 20), (1, 1), (333, 777)]
+RESOLUTIONS = [
+    (16, 16),
+    (56, 56),
+    (90, 160),
+    (240, 320),
+    (360, 640),
+    (720, 1280),
+    (1080, 1920),
+    (1920, 1080),
+    (2160, 3840),
+    (3840, 2160),
+    (4320, 7680),
+    (20, 4000),
+    (4000, 20),
+    (1, 1),
+    (333, 777),
+]
 DURATIONS = [0.1, 0.4, 1.0, 7.5, 60.0, 600.0, 3600.0, 4 * 3600.0]
 
 
@@ -286,7 +374,9 @@ def test_budget_search_finds_the_largest_cap():
             cfg = SlowFastConfig()
             fitting = []
             for cap in range(cfg.min_tokens, cfg.max_tokens + 1):
-                s, f = token_budget_split(n_slow, n_fast, h, w, SlowFastConfig(token_budget=10**9, max_tokens=cap))
+                s, f = token_budget_split(
+                    n_slow, n_fast, h, w, SlowFastConfig(token_budget=10**9, max_tokens=cap)
+                )
                 if n_slow * s + n_fast * f <= cfg.token_budget:
                     fitting.append((s, f))
             assert token_budget_split(n_slow, n_fast, h, w, cfg) == fitting[-1], (h, w, n_slow, n_fast)
@@ -358,27 +448,87 @@ def test_label_frames_black_frames():
 def test_label_frames_checks_input():
     with pytest.raises(ValueError, match="not a multiple of the patch"):
         label_frames(np.zeros((2, 30, 56, 3), np.uint8))
-    assert label_frames(np.zeros((2, 28, 28, 3), np.uint8), SlowFastConfig(enabled=False)).tolist() == [True, True]
+    assert label_frames(np.zeros((2, 28, 28, 3), np.uint8), SlowFastConfig(enabled=False)).tolist() == [
+        True,
+        True,
+    ]
 
 
 def test_rgb_to_hsv_matches_opencv():
-    rgb = [(0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
-           (255, 0, 255), (128, 64, 32), (32, 64, 128), (10, 200, 90), (200, 10, 90), (1, 0, 0), (0, 1, 1),
-           (254, 255, 255), (123, 123, 124), (90, 91, 92), (250, 5, 3), (3, 5, 250), (77, 200, 200)]
+    rgb = [
+        (0, 0, 0),
+        (255, 255, 255),
+        (255, 0, 0),
+        (0, 255, 0),
+        (0, 0, 255),
+        (255, 255, 0),
+        (0, 255, 255),
+        (255, 0, 255),
+        (128, 64, 32),
+        (32, 64, 128),
+        (10, 200, 90),
+        (200, 10, 90),
+        (1, 0, 0),
+        (0, 1, 1),
+        (254, 255, 255),
+        (123, 123, 124),
+        (90, 91, 92),
+        (250, 5, 3),
+        (3, 5, 250),
+        (77, 200, 200),
+    ]
     # cv2.cvtColor(np.array(rgb, np.uint8)[None], cv2.COLOR_RGB2HSV) with opencv-python-headless 5.0
-    expected = [[0, 0, 0], [0, 0, 255], [0, 255, 255], [60, 255, 255], [120, 255, 255], [30, 255, 255],
-                [90, 255, 255], [150, 255, 255], [10, 191, 128], [110, 191, 128], [73, 242, 200], [167, 242, 200],
-                [0, 255, 1], [90, 255, 1], [90, 1, 255], [120, 2, 124], [105, 6, 92], [0, 252, 250], [120, 252, 250],
-                [90, 157, 200]]
+    expected = [
+        [0, 0, 0],
+        [0, 0, 255],
+        [0, 255, 255],
+        [60, 255, 255],
+        [120, 255, 255],
+        [30, 255, 255],
+        [90, 255, 255],
+        [150, 255, 255],
+        [10, 191, 128],
+        [110, 191, 128],
+        [73, 242, 200],
+        [167, 242, 200],
+        [0, 255, 1],
+        [90, 255, 1],
+        [90, 1, 255],
+        [120, 2, 124],
+        [105, 6, 92],
+        [0, 252, 250],
+        [120, 252, 250],
+        [90, 157, 200],
+    ]
     assert rgb_to_hsv(np.array(rgb, np.uint8)).tolist() == expected
 
 
 def test_plan_dict_format():
-    plan = plan_from_labels(np.array([True, False, False]), np.array([0, 15, 30]), np.array([0.0, 0.5, 1.0]),
-                            720, 1280, video="v.mp4", duration=1.5, native_fps=30, sample_fps=2)
+    plan = plan_from_labels(
+        np.array([True, False, False]),
+        np.array([0, 15, 30]),
+        np.array([0.0, 0.5, 1.0]),
+        720,
+        1280,
+        video="v.mp4",
+        duration=1.5,
+        native_fps=30,
+        sample_fps=2,
+    )
     d = plan.to_dict()
-    assert list(d) == ["video", "duration", "native_fps", "sample_fps", "frames", "slow_tokens_per_frame",
-                       "fast_tokens_per_frame", "total_tokens", "budget", "compress", "tokens_after_compression"]
+    assert list(d) == [
+        "video",
+        "duration",
+        "native_fps",
+        "sample_fps",
+        "frames",
+        "slow_tokens_per_frame",
+        "fast_tokens_per_frame",
+        "total_tokens",
+        "budget",
+        "compress",
+        "tokens_after_compression",
+    ]
     assert d["frames"][1] == {"index": 15, "time": 0.5, "kind": "fast", "tokens": plan.fast_tokens_per_frame}
     assert d["compress"] == "none" and d["tokens_after_compression"] == d["total_tokens"] == plan.total_tokens
     assert d["slow_tokens_per_frame"] == 720 and d["fast_tokens_per_frame"] == 209  # 308x532 (cap 216)

@@ -225,6 +225,10 @@ def test_format_sandbox_output_cuts_long_text_in_the_middle():
     assert format_sandbox_output(FakeResult(images=["x"]), image_token="<|image|>").endswith(
         "<|image|></sandbox_output>"
     )
+    assert (
+        format_sandbox_output(FakeResult(stdout="7", images=["x"]), image_token="")
+        == "<sandbox_output>7</sandbox_output>"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,8 +58,12 @@ def run_decord(path: str) -> dict:
     n = 0
     for s in range(0, len(indices), 32):  # chunked, so memory is not what is measured here
         n += len(vr.get_batch(indices[s : s + 32]).asnumpy())
-    return {"video": path, "seconds": time.perf_counter() - t, "frames": n,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "video": path,
+        "seconds": time.perf_counter() - t,
+        "frames": n,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:

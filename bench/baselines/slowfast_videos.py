@@ -100,6 +100,9 @@ def bench_spec(minutes: float = 10.0, height: int = 720, width: int = 1280, fps:
         dur = min(9.7, minutes * 60 - 9.7 * s)
         if dur <= 0:
             break
-        scenes.append({"type": "pan", "duration": dur, "speed": 24.0} if s % 3 == 2 else
-                      {"type": "blocks", "duration": dur, "square": 48, "speed": 80.0})
+        scenes.append(
+            {"type": "pan", "duration": dur, "speed": 24.0}
+            if s % 3 == 2
+            else {"type": "blocks", "duration": dur, "square": 48, "speed": 80.0}
+        )
     return {"height": height, "width": width, "fps": fps, "seed": 0, "scenes": scenes}

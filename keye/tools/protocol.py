@@ -167,7 +167,8 @@ def _neutralize(text: str, image_token: str) -> str:
 def format_sandbox_output(result: _ResultLike, *, image_token: str = "<image>", max_chars: int = 4000) -> str:
     """The environment's reply: ``<sandbox_output>`` + stdout + error + one `image_token` per new image.
 
-    `result` is a `keye.tools.sandbox.SandboxResult`. Stdout longer than `max_chars` is cut in the middle
+    `result` is a `keye.tools.sandbox.SandboxResult`. With ``image_token=""`` no placeholders are written (the
+    caller attaches the images itself). Stdout longer than `max_chars` is cut in the middle
     (start and end are what a model needs). The images themselves are the next turn's image inputs, in the
     order of `result.images`, one per `image_token`.
     """
@@ -185,6 +186,6 @@ def format_sandbox_output(result: _ResultLike, *, image_token: str = "<image>", 
     if not parts and not result.images:
         parts.append("(no output)")
     body = "\n".join(parts)
-    if result.images:
+    if result.images and image_token:  # an empty token: the caller places the images itself
         body = (body + "\n" if body else "") + image_token * len(result.images)
     return f"<sandbox_output>{body}</sandbox_output>"

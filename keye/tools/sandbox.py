@@ -182,7 +182,7 @@ def _probe(bwrap: str, python: str, extra_ro_paths: tuple[str, ...]) -> dict:
     )
     try:
         out = subprocess.run(
-            [*argv, python, "-I", "-S", "-c", "pass"],
+            [*argv, _inside(python), "-I", "-S", "-c", "pass"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -275,6 +275,12 @@ def _interpreter_paths(python: str, extra: tuple[str, ...]) -> list[str]:
     return kept
 
 
+def _inside(path: str) -> str:
+    """Where a host path of the interpreter appears in the sandbox. Inside, /tmp is the working directory, so an
+    interpreter under the host's /tmp (a checkout or CI clone there) is mounted under /.host-tmp instead."""
+    return "/.host-tmp/" + path[len("/tmp/") :] if path.startswith("/tmp/") else path
+
+
 def _version_tuple(version: str | None) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", version or "")[:3])
 
@@ -313,12 +319,12 @@ def _bwrap_argv(
     made: set[str] = set()
     for p in _interpreter_paths(python, tuple(extra_ro_paths)):
         # bwrap creates missing parents as 0700; make them traversable for the unprivileged snippet.
-        for parent in reversed(Path(p).parents):
+        for parent in reversed(Path(_inside(p)).parents):
             s = str(parent)
             if s != "/" and s not in made and not any(s == d or s.startswith(d + "/") for d in _SYSTEM_DIRS):
                 argv += ["--perms", "0755", "--dir", s]
                 made.add(s)
-        argv += ["--ro-bind", p, p]
+        argv += ["--ro-bind", p, _inside(p)]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     size = ["--size", str(workdir_bytes)] if version >= (0, 7) else []
     argv += ["--perms", "01777", *size, "--tmpfs", SANDBOX_WORKDIR]
@@ -787,7 +793,7 @@ def _execute(
     else:
         argv, bw_fds, cwd = [], [], workdir
         env = {**_sandbox_env(), "HOME": workdir, "TMPDIR": workdir, "MPLCONFIGDIR": workdir + "/.matplotlib"}
-    argv += [cfg.python, "-I", "-B", "-u", "-c", _RUNNER]
+    argv += [_inside(cfg.python) if isolated else cfg.python, "-I", "-B", "-u", "-c", _RUNNER]
     rlimits = {
         "RLIMIT_CPU": int(cfg.cpu_seconds),
         "RLIMIT_AS": int(cfg.memory_bytes),

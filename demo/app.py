@@ -1,0 +1,691 @@
+"""The Gradio chat demo: upload a video or image (or generate one), ask, watch the answer stream.
+
+A client of keye's public API only: `load_pretrained` gives the model and processor, the processor plans each
+video (`KeyeProcessor.load_video`: Slow-Fast frames within the token budget), and a `ChatSession` per browser
+session generates, streaming, with the KV cache kept across turns (a follow-up question does not re-encode the
+video). Nothing here runs the model another way.
+
+    build_app(model, processor, model_name=..., limits=Limits()) -> gr.Blocks
+    launch(app, limits, host=..., port=..., share=...)      # queue with bounded concurrency, upload size limit
+
+Run it with ``keye demo`` (see `keye.demo.cli`). Not for: batch inference or evaluation (``keye chat``,
+``keye.eval``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from keye.chat import ChatSession
+from keye.errors import KeyeInputError
+from keye.processing import KeyeProcessor, VideoInput
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+THINK_CHOICES = [("model default", "auto"), ("think (/think)", "on"), ("answer directly (/no_think)", "off")]
+THINK_VALUES = {"auto": None, "on": True, "off": False}
+EXAMPLE_PROMPT = "What happens in this video?"
+
+
+@dataclass
+class Limits:
+    """What one demo server accepts and how many requests it runs at once."""
+
+    max_upload_mb: float = 200.0  # per file; also Gradio's own upload limit
+    max_duration_s: float = 600.0  # longest video accepted
+    concurrency: int = 1  # generations running at once (they share one model)
+    queue_size: int = 16  # requests waiting beyond that; more are refused with "queue full"
+    max_new_tokens: int = 1024  # upper end of the slider
+
+
+@dataclass
+class Media:
+    """An uploaded file, checked and (for a video) already planned, waiting to go with the next question."""
+
+    kind: str  # "video" | "image"
+    path: str
+    name: str
+    video: VideoInput | None = None  # planned frames; handed to the session as is, so it is decoded once
+
+
+@dataclass
+class DemoState:
+    """Per browser session: the conversation shown, the model's session, media not yet sent, a stop flag."""
+
+    history: list[dict] = field(default_factory=list)  # chatbot messages, the single source of what is shown
+    session: ChatSession | None = None
+    pending: Media | None = None
+    sent: list[Media] = field(default_factory=list)  # media already in the conversation
+    stop: threading.Event = field(default_factory=threading.Event)
+    busy: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _StopOnEvent(StoppingCriteria):
+    """Ends `generate` at the next token once the Stop button sets the event.
+
+    Stopping this way (rather than cancelling the Gradio event) lets `ChatSession.stream` finish normally, so the
+    reply so far and the KV cache stay consistent and the conversation can go on."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+class _Stopped(Exception):
+    """The Stop button ended a tool loop between two model turns."""
+
+
+class _StoppableSession:
+    """`ChatSession.send` for the tool loop, with the Stop button honoured: a running turn ends at the next token,
+    and no further turn starts. Counts the tokens generated."""
+
+    def __init__(self, session: ChatSession, stop: threading.Event):
+        self.session, self.stop, self.new_tokens = session, stop, 0
+
+    def send(self, content: list[dict], **kwargs):
+        if self.stop.is_set():
+            raise _Stopped
+        reply = self.session.send(
+            content, stopping_criteria=StoppingCriteriaList([_StopOnEvent(self.stop)]), **kwargs
+        )
+        self.new_tokens += reply.num_tokens
+        return reply
+
+
+# ------------------------------------------------------------------------------------------------ display helpers
+def split_thinking(text: str) -> tuple[str | None, str, bool]:
+    """Model text -> ``(reasoning, answer, reasoning_still_open)``.
+
+    ``<think>...</think>`` at the start is the reasoning; a ``</think>`` without an opening tag (the template
+    pre-filled ``<think>``) closes reasoning that began at the start. No tags: no reasoning."""
+    stripped = text.lstrip()
+    if stripped.startswith("<think>"):
+        body = stripped[len("<think>") :]
+        end = body.find("</think>")
+        if end == -1:
+            return body.strip(), "", True
+        return body[:end].strip(), body[end + len("</think>") :].strip(), False
+    end = text.find("</think>")
+    if end != -1:
+        return text[:end].strip(), text[end + len("</think>") :].strip(), False
+    return None, text.strip(), False
+
+
+def reply_messages(text: str, *, streaming: bool) -> list[dict]:
+    """Chatbot messages for one reply: the reasoning (collapsed once closed) and the answer."""
+    reasoning, answer, still_open = split_thinking(text)
+    messages = []
+    if reasoning:
+        status = "pending" if streaming and still_open else "done"
+        messages.append(
+            {"role": "assistant", "content": reasoning, "metadata": {"title": "Thinking", "status": status}}
+        )
+    if answer:
+        messages.append({"role": "assistant", "content": answer})
+    elif not streaming and not messages:
+        messages.append({"role": "assistant", "content": "*(empty reply)*"})
+    return messages
+
+
+def tool_round_messages(index: int, rnd) -> list[dict]:
+    """Chatbot messages for one Thyme round (`keye.tools.loop.ToolRound`): the model's reasoning, the code that
+    ran (after repairs), the sandbox's output and the images it saved, nested under one collapsed thought."""
+    parent = f"tool-{index}"
+    parsed, result = rnd.parsed, rnd.result
+    messages = []
+    if parsed.think:
+        messages.append(
+            {"role": "assistant", "content": parsed.think.strip(),
+             "metadata": {"title": f"Round {index}: thinking", "status": "done"}}
+        )  # fmt: skip
+    if result is None:
+        if parsed.kind == "none":  # neither code nor answer: show what the model wrote
+            messages.append(
+                {"role": "assistant", "content": rnd.text.strip() or "(nothing)",
+                 "metadata": {"title": f"Round {index}: no code and no answer", "status": "done"}}
+            )  # fmt: skip
+        return messages
+    status = "ok" if result.ok else f"failed: {result.error or result.killed_by}"
+    messages.append(
+        {"role": "assistant", "content": f"```python\n{result.code.rstrip()}\n```",
+         "metadata": {"title": f"Round {index}: code ({status}, {result.elapsed_s:.2f} s)", "id": parent,
+                      "status": "done"}}
+    )  # fmt: skip
+    output = result.stdout.rstrip()
+    if not result.ok and result.stderr.strip():
+        output += ("\n" if output else "") + result.stderr.rstrip()
+    notes = [f"repair: {r}" for r in result.repairs] + [f"warning: {w}" for w in result.warnings]
+    body = f"```text\n{output or '(no output)'}\n```" + "".join(f"\n- {n}" for n in notes)
+    messages.append(
+        {"role": "assistant", "content": body,
+         "metadata": {"title": "Sandbox output", "parent_id": parent, "status": "done"}}
+    )  # fmt: skip
+    for img in result.images:
+        messages.append(
+            {"role": "assistant", "content": {"path": str(img)},
+             "metadata": {"title": f"Image {Path(img).name}", "parent_id": parent, "status": "done"}}
+        )  # fmt: skip
+    return messages
+
+
+def error_message(err: KeyeInputError | str) -> dict:
+    """A readable chat message for bad input: the file's name (not the server's temp path) and the reason."""
+    if isinstance(err, KeyeInputError):
+        text = f"**{Path(err.source).name}**: {err.message}"
+    else:
+        text = err
+    return {"role": "assistant", "content": f"⚠ {text}"}
+
+
+def video_summary(video: VideoInput, name: str) -> str:
+    """The token count of a planned video, as shown under the film strip."""
+    plan = video.plan.to_dict()
+    kinds = [f["kind"] for f in plan["frames"]]
+    after = plan["tokens_after_compression"]
+    return (
+        f"**{name}**: {plan['duration']:.1f} s, {len(kinds)} frames ({kinds.count('slow')} slow, "
+        f"{kinds.count('fast')} fast) → **{plan['total_tokens']} vision tokens** "
+        f"({plan['slow_tokens_per_frame']} per slow frame, {plan['fast_tokens_per_frame']} per fast) "
+        f"of a {plan['budget']} budget; compression {plan['compress']}: {after} tokens"
+    )
+
+
+def speed_summary(ttft: float | None, seconds: float, reply, stopped: bool) -> str:
+    """Time to first token and decoding speed of one reply (tokens after the first / time after the first)."""
+    if ttft is None or reply is None:
+        return "no tokens generated"
+    rate = (reply.num_tokens - 1) / (seconds - ttft) if reply.num_tokens > 1 and seconds > ttft else 0.0
+    note = " · stopped" if stopped else ""
+    return (
+        f"first token after **{ttft:.2f} s** · **{rate:.1f} tokens/s** · {reply.num_tokens} new tokens · "
+        f"prompt {reply.prompt_tokens} tokens{note}"
+    )
+
+
+def tools_status() -> tuple[bool, str]:
+    """Whether the Tools toggle can be on here, and the line shown under it.
+
+    It needs keye's Thyme loop (`keye.tools.loop.run_tool_loop`) and a sandbox that really isolates the snippet
+    (bubblewrap); the demo never runs model-written code without isolation."""
+    if importlib.util.find_spec("keye.tools.loop") is None:
+        return False, "Not available: this build has no keye.tools.loop."
+    from keye.tools.sandbox import isolation_report
+
+    report = isolation_report()
+    if report["backend"] != "bwrap":
+        return False, f"Not available: the sandbox cannot isolate code here ({report['reason']})."
+    return True, f"Images only; each question runs its own loop. Sandbox: {report['summary']}."
+
+
+def _kind(path: str) -> str | None:
+    suffix = Path(path).suffix.lower()
+    return "video" if suffix in VIDEO_SUFFIXES else "image" if suffix in IMAGE_SUFFIXES else None
+
+
+# ------------------------------------------------------------------------------------------------ the app
+class DemoApp:
+    """The event handlers, bound to one model. Every handler returns the per-session `DemoState`."""
+
+    def __init__(self, model, processor: KeyeProcessor, *, model_name: str, limits: Limits):
+        self.model = model
+        self.processor = processor
+        self.model_name = model_name
+        self.limits = limits
+        # Generated examples and the tool loop's images; under the system temp folder, which Gradio serves.
+        self.work_dir = Path(tempfile.mkdtemp(prefix="keye-demo-"))
+        self._example_lock = threading.Lock()
+        self._example_count = 0
+
+    # ---------------------------------------------------------------- media
+    def _overrides(self, fps: float, max_frames: float, token_budget: float) -> dict:
+        return {"fps": float(fps), "max_frames": int(max_frames), "token_budget": int(token_budget)}
+
+    def check_media(self, path: str, overrides: dict) -> tuple[Media, Image.Image, str]:
+        """Check one file against the limits and plan it. Raises `KeyeInputError` with a readable reason."""
+        from keye.encoders.filmstrip import filmstrip
+        from keye.encoders.video import probe
+
+        name = Path(path).name
+        kind = _kind(path)
+        if kind is None:
+            raise KeyeInputError(
+                name,
+                f"unsupported file type; send a video ({', '.join(VIDEO_SUFFIXES)}) "
+                f"or an image ({', '.join(IMAGE_SUFFIXES)})",
+            )
+        size_mb = Path(path).stat().st_size / 2**20
+        if size_mb > self.limits.max_upload_mb:
+            raise KeyeInputError(
+                name, f"{size_mb:.1f} MB is over this demo's limit of {self.limits.max_upload_mb:g} MB"
+            )
+        if kind == "image":
+            from keye.encoders.image import load_image
+
+            image = load_image(path)  # ImageLoadError names the file
+            _, grid = self.processor.preprocess_image(image)
+            merge = self.processor.settings.merge_size
+            tokens = grid[1] * grid[2] // merge**2
+            summary = (
+                f"**{name}**: image {image.width}x{image.height} → {grid[2] * 14}x{grid[1] * 14} pixels, "
+                f"**{tokens} vision tokens**"
+            )
+            thumb = image.copy()
+            thumb.thumbnail((384, 384))
+            return Media("image", path, name), thumb, summary
+        duration = probe(path).duration  # VideoDecodeError for a corrupt file or one without a video stream
+        if duration > self.limits.max_duration_s:
+            raise KeyeInputError(
+                name,
+                f"{duration:.0f} s long; this demo accepts videos up to {self.limits.max_duration_s:g} s",
+            )
+        video = self.processor.load_video(path, **overrides)
+        return (
+            Media("video", path, name, video),
+            filmstrip(video.plan, video.frames, per_row=4),
+            video_summary(video, name),
+        )
+
+    def on_media(self, path: str | None, st: DemoState | None, fps, max_frames, token_budget):
+        """A file was uploaded (or set): check and plan it, or say in the chat why it cannot be used (and drop it).
+
+        Returns ``(file box, state, chatbot, film strip, token count)``."""
+        st = st or DemoState()
+        if not path:
+            st.pending = None
+            return None, st, st.history, None, ""
+        try:
+            media, strip, summary = self.check_media(path, self._overrides(fps, max_frames, token_budget))
+        except KeyeInputError as e:
+            st.pending = None
+            st.history.append(error_message(e))
+            return None, st, st.history, None, ""
+        st.pending = media
+        return gr.skip(), st, st.history, strip, summary + "  \n*Sent with your next question.*"
+
+    def on_settings(self, st: DemoState | None, fps, max_frames, token_budget):
+        """fps / frames / budget changed: re-plan the video waiting to be sent, so its token count is current."""
+        if st is None or st.pending is None or st.pending.kind != "video":
+            return st, gr.skip(), gr.skip()
+        try:
+            media, strip, summary = self.check_media(
+                st.pending.path, self._overrides(fps, max_frames, token_budget)
+            )
+        except KeyeInputError as e:  # e.g. a budget too small for one frame: keep the previous plan
+            return st, gr.skip(), f"⚠ {e.message}; the previous plan is kept."
+        st.pending = media
+        return st, strip, summary + "  \n*Sent with your next question.*"
+
+    def on_example(self, st: DemoState | None, fps, max_frames, token_budget):
+        """Generate a new synthetic clip with known content and put it up as if it had been uploaded."""
+        from keye.synthetic import make_demo_video
+
+        st = st or DemoState()
+        with self._example_lock:
+            seed = self._example_count
+            self._example_count += 1
+        path = self.work_dir / "examples" / f"example-{seed}.mp4"
+        sample = make_demo_video(path, seed=seed, duration=6.0, size=(180, 320), fps=12)
+        _, st, history, strip, summary = self.on_media(str(path), st, fps, max_frames, token_budget)
+        question = sample.questions[0].question if sample.questions else EXAMPLE_PROMPT
+        summary += f"  \nWhat the clip shows: *{sample.caption}*"
+        return str(path), st, history, strip, summary, question
+
+    # ---------------------------------------------------------------- chat
+    def respond(
+        self, message: str, st: DemoState | None, think: str, tools: bool, max_new_tokens
+    ) -> Iterator[tuple]:
+        """Stream the answer to ``message`` (with the pending media, if any) into the chat.
+
+        Yields ``(chatbot messages, prompt box, state, speed line)``."""
+        st = st or DemoState()
+        text = (message or "").strip()
+        if not text:
+            yield st.history, message, st, gr.skip()
+            return
+        if not st.busy.acquire(blocking=False):
+            st.history.append(error_message("Still answering the previous question; press Stop first."))
+            yield st.history, message, st, gr.skip()
+            return
+        try:
+            media = st.pending
+            shown = f"*[{media.name}]*\n\n{text}" if media else text
+            st.history.append({"role": "user", "content": shown})
+            st.stop.clear()
+            yield st.history, "", st, "…"
+            turn = self._tool_turn if tools and tools_status()[0] else self._chat_turn
+            yield from turn(text, st, THINK_VALUES[think], int(max_new_tokens))
+        finally:
+            st.busy.release()
+
+    def _chat_turn(
+        self, text: str, st: DemoState, think: bool | None, max_new_tokens: int
+    ) -> Iterator[tuple]:
+        """One turn of the conversation's `ChatSession`, streamed token by token."""
+        media = st.pending
+        if st.session is None:
+            st.session = ChatSession(self.model, self.processor)
+        st.session.think = think
+        videos = [media.video] if media and media.kind == "video" else []
+        images = [media.path] if media and media.kind == "image" else []
+        base = list(st.history)
+        start, first, reply_text, finished = time.perf_counter(), None, "", False
+        try:
+            for piece in st.session.stream(
+                text,
+                images=images,
+                videos=videos,
+                max_new_tokens=max_new_tokens,
+                stopping_criteria=StoppingCriteriaList([_StopOnEvent(st.stop)]),
+            ):
+                if first is None and piece:
+                    first = time.perf_counter() - start
+                reply_text += piece
+                st.history = base + reply_messages(reply_text, streaming=True)
+                yield st.history, "", st, gr.skip()
+            finished = True
+        except KeyeInputError as e:  # raised before generation starts: the session is unchanged
+            finished = True
+            st.pending = None
+            st.history = [*base, error_message(e)]
+            yield st.history, "", st, ""
+            return
+        except Exception as e:
+            finished = True
+            logger.exception("generation failed")
+            st.session = None  # its cache may hold a half-finished turn
+            st.history = [
+                *base,
+                error_message(f"Something went wrong ({type(e).__name__}: {e}); conversation reset."),
+            ]
+            yield st.history, "", st, ""
+            return
+        finally:
+            if not finished:  # closed mid-stream (client gone): end generation, drop the inconsistent session
+                st.stop.set()
+                st.session = None
+        reply = st.session.last_reply
+        if media:
+            st.sent.append(media)
+            st.pending = None
+        st.history = base + reply_messages(reply.text, streaming=False)
+        seconds = time.perf_counter() - start
+        yield st.history, "", st, speed_summary(first, seconds, reply, st.stop.is_set())
+
+    def _tool_turn(
+        self, text: str, st: DemoState, think: bool | None, max_new_tokens: int
+    ) -> Iterator[tuple]:
+        """One question through the Thyme loop (`keye.tools.loop.run_tool_loop`), shown round by round.
+
+        Each question runs in a fresh `ChatSession` with the tool system prompt, on the image waiting to be sent or
+        the last image of this conversation."""
+        from keye.tools.loop import TOOL_SYSTEM_PROMPT, run_tool_loop
+        from keye.tools.sandbox import SandboxUnavailableError
+
+        media = st.pending
+        images = [m.path for m in [*st.sent, *([media] if media else [])] if m.kind == "image"][-1:]
+        base = list(st.history)
+        if not images:
+            st.history = [*base, error_message("Tools work on images: upload an image first.")]
+            yield st.history, "", st, ""
+            return
+        session = _StoppableSession(
+            ChatSession(self.model, self.processor, think=think, system=TOOL_SYSTEM_PROMPT), st.stop
+        )
+        rounds: queue.Queue = queue.Queue()
+        outcome: dict = {}
+        out_dir = Path(tempfile.mkdtemp(prefix="tools-", dir=self.work_dir))
+
+        def work():
+            try:
+                outcome["trace"] = run_tool_loop(
+                    session, text, images, out_dir=out_dir, max_new_tokens=max_new_tokens, on_round=rounds.put
+                )
+            except BaseException as e:  # reported in the chat below
+                outcome["error"] = e
+            rounds.put(None)
+
+        start = time.perf_counter()
+        threading.Thread(target=work, daemon=True).start()
+        shown: list[dict] = []
+        n_rounds = 0
+        while (rnd := rounds.get()) is not None:
+            n_rounds += 1
+            shown += tool_round_messages(n_rounds, rnd)
+            st.history = base + shown
+            yield st.history, "", st, gr.skip()
+        seconds = time.perf_counter() - start
+        if media:
+            st.sent.append(media)
+            st.pending = None
+        error = outcome.get("error")
+        if isinstance(error, _Stopped):
+            st.history = [*base, *shown, {"role": "assistant", "content": "*(stopped)*"}]
+        elif isinstance(error, (KeyeInputError, SandboxUnavailableError)):
+            st.history = [
+                *base,
+                *shown,
+                error_message(error if isinstance(error, KeyeInputError) else str(error)),
+            ]
+        elif error is not None:
+            logger.error("tool loop failed", exc_info=error)
+            st.history = [
+                *base,
+                *shown,
+                error_message(f"Something went wrong ({type(error).__name__}: {error})."),
+            ]
+        else:
+            trace = outcome["trace"]
+            st.history = [*base, *shown, {"role": "assistant", "content": trace.answer or "*(no answer)*"}]
+        stats = (
+            f"{n_rounds} model turns in **{seconds:.1f} s** · {session.new_tokens} new tokens "
+            "(the tool loop shows whole turns, not single tokens)"
+        )
+        yield st.history, "", st, stats
+
+    def on_stop(self, st: DemoState | None):
+        """Stop the answer being generated; what was generated so far stays in the conversation."""
+        if st is not None:
+            st.stop.set()
+
+    def on_clear(self, st: DemoState | None):
+        """Forget the conversation, its cache and any media."""
+        if st is not None:
+            st.stop.set()
+        return DemoState(), [], None, "", "", None, ""
+
+
+CSS = """
+#filmstrip img { object-fit: contain; }
+#tokens, #stats { font-size: 0.9em; }
+"""
+
+
+def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limits | None = None) -> gr.Blocks:
+    """The Blocks app for one loaded model. Call `launch` (or ``.queue().launch()``) to serve it."""
+    limits = limits or Limits()
+    demo = DemoApp(model, processor, model_name=model_name, limits=limits)
+    s = processor.settings
+    device = str(model.device)
+    tools_ok, tools_info = tools_status()
+    with gr.Blocks(title="keye demo") as app:
+        gr.Markdown(
+            f"## keye · {model_name} on {device}\n"
+            f"Upload a video or an image (at most {limits.max_upload_mb:g} MB; videos up to "
+            f"{limits.max_duration_s:g} s) or generate an example, then ask. Follow-up questions reuse the "
+            "encoded video (the KV cache is kept), so only the first answer pays for the frames."
+        )
+        state = gr.State(None, time_to_live=3600)
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    elem_id="chat", height=480, label="Chat", buttons=["copy"], feedback_options=None
+                )
+                with gr.Row():
+                    prompt = gr.Textbox(
+                        elem_id="prompt",
+                        show_label=False,
+                        placeholder="Ask about the video or image…",
+                        scale=5,
+                        lines=1,
+                        max_lines=6,
+                    )
+                    send = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=80)
+                with gr.Row():
+                    stop = gr.Button("Stop", elem_id="stop", variant="stop", size="sm")
+                    clear = gr.Button("Clear", elem_id="clear", size="sm")
+                stats = gr.Markdown(elem_id="stats")
+            with gr.Column(scale=2):
+                media = gr.File(
+                    label="Video or image",
+                    elem_id="media",
+                    file_types=list(VIDEO_SUFFIXES + IMAGE_SUFFIXES),
+                    type="filepath",
+                    height=120,
+                )
+                example = gr.Button("Generate an example video", elem_id="example", size="sm")
+                strip = gr.Image(
+                    label="Sampled frames (green: slow, orange: fast; time, kind, tokens)",
+                    elem_id="filmstrip",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                )
+                tokens = gr.Markdown(elem_id="tokens")
+                with gr.Accordion("Settings", open=True):
+                    think = gr.Radio(THINK_CHOICES, value="auto", label="Thinking", elem_id="think")
+                    tools = gr.Checkbox(
+                        label="Tools (Thyme: the model writes code, a sandbox runs it)",
+                        value=False,
+                        interactive=tools_ok,
+                        elem_id="tools",
+                        info=tools_info,
+                    )
+                    fps = gr.Slider(0.25, 4.0, value=min(s.fps, 4.0), step=0.25, label="Frames per second")
+                    max_frames = gr.Slider(
+                        1, max(s.max_frames, 1), value=s.max_frames, step=1, label="Max frames"
+                    )
+                    budget = gr.Slider(
+                        64,
+                        max(s.token_budget * 4, 4096),
+                        value=s.token_budget,
+                        step=64,
+                        label="Vision token budget per video",
+                    )
+                    gr.Radio(
+                        ["none", "DynTok", "Clapper"],
+                        value="none",
+                        label="Token compression",
+                        interactive=False,
+                        elem_id="compress",
+                        info="DynTok and Clapper are in keye.encoders but not yet wired into chat.",
+                    )
+                    max_new = gr.Slider(
+                        1, limits.max_new_tokens, value=min(256, limits.max_new_tokens), step=1,
+                        label="Max new tokens",
+                    )  # fmt: skip
+
+        plan_inputs = [fps, max_frames, budget]
+        media_outputs = [media, state, chatbot, strip, tokens]
+        media.upload(demo.on_media, [media, state, *plan_inputs], media_outputs, api_name="load_media")
+        media.clear(demo.on_media, [media, state, *plan_inputs], media_outputs, api_name=False)
+        for slider in plan_inputs:
+            slider.change(
+                demo.on_settings,
+                [state, *plan_inputs],
+                [state, strip, tokens],
+                api_name=False,
+                trigger_mode="always_last",
+            )
+        example.click(
+            demo.on_example,
+            [state, *plan_inputs],
+            [media, state, chatbot, strip, tokens, prompt],
+            api_name="example",
+        )
+        chat_args = dict(
+            fn=demo.respond,
+            inputs=[prompt, state, think, tools, max_new],
+            outputs=[chatbot, prompt, state, stats],
+            concurrency_id="generate",
+        )
+        send.click(**chat_args, api_name="chat")
+        prompt.submit(**chat_args, api_name=False)
+        # Stop and Clear must not wait behind the generation they interrupt: no concurrency limit.
+        stop.click(demo.on_stop, [state], None, api_name="stop", concurrency_limit=None)
+        clear.click(
+            demo.on_clear,
+            [state],
+            [state, chatbot, strip, tokens, stats, media, prompt],
+            api_name="clear",
+            concurrency_limit=None,
+        )
+    return app
+
+
+def launch(
+    app: gr.Blocks,
+    limits: Limits | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    block: bool = True,
+):
+    """Serve ``app``: a queue of at most ``limits.queue_size`` waiting requests, ``limits.concurrency``
+    generations at once, uploads over ``limits.max_upload_mb`` refused."""
+    limits = limits or Limits()
+    app.queue(default_concurrency_limit=limits.concurrency, max_size=limits.queue_size)
+    return app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=f"{limits.max_upload_mb:g}mb",
+        prevent_thread_lock=not block,
+        show_error=False,
+        quiet=True,
+        css=CSS,
+    )
+
+
+def run(
+    model_name: str = "keye-tiny",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    limits: Limits | None = None,
+    block: bool = True,
+) -> Any:
+    """Load ``model_name`` with `load_pretrained`, build the app and serve it; prints the local URL."""
+    from keye import load_pretrained
+
+    limits = limits or Limits()
+    model, processor = load_pretrained(model_name)
+    app = build_app(model, processor, model_name=model_name, limits=limits)
+    launch(app, limits, host=host, port=port, share=share, block=False)
+    print(f"keye demo ({model_name}) running on {app.local_url}", flush=True)
+    if app.share_url:
+        print(f"public URL: {app.share_url}", flush=True)
+    if block:
+        app.block_thread()
+    return app

@@ -1,0 +1,399 @@
+"""The training loop every recipe shares: accelerate (DDP, DeepSpeed ZeRO via accelerate), exact resume, metrics.
+
+    trainer = Trainer(cfg)          # a TrainConfig (keye.training.config)
+    trainer.setup(resume=True)      # model, LoRA, freezing, optimizer, schedule, data; the last checkpoint if any
+    trainer.train()                 # max_steps optimizer steps; checkpoints every save_every; metrics.jsonl
+    trainer.export()                # <output_dir>/final: weights.safetensors (delta file) + model/ (loadable folder)
+
+One optimizer step is ``grad_accum`` micro-batches on every rank; the LM loss is the sum of token losses divided by
+the number of trained tokens of the whole step (all micro-batches, all ranks), so packing, padding, accumulation and
+the world size do not change what is optimised.
+
+Checkpoints (``<output_dir>/checkpoints/step-NNNNNN``) hold the trainable tensors, optimizer, schedule, every rank's
+RNG states and data position, and the metrics so far; they are written to ``step-NNNNNN.tmp`` and renamed, so a
+checkpoint folder either exists whole or not at all, and only the last ``keep_last`` are kept. Resuming restores all
+of it, so the loss curve continues exactly as an uninterrupted run (same seed, same world size).
+
+Not for: data processing (`keye.training.data`), what a stage freezes (the YAML), or the CLI (`keye.pretrain.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from keye.training.config import TrainConfig
+from keye.training.data import TrainStream
+from keye.training.losses import SigLIPHead, contrastive_loss, lm_loss_sum
+from keye.training.model import apply_freeze, inject_lora, load_model, merge_lora, trained_delta
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "latest_checkpoint", "plot_losses"]
+
+_STEP = "step-{:06d}"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder (temporary ``*.tmp`` folders of an interrupted save are ignored)."""
+    folder = Path(output_dir) / "checkpoints"
+    done = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def plot_losses(metrics: list[dict], path: Path, title: str) -> None:
+    """Loss per step as a PNG (matplotlib's Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _lr_lambda(cfg: TrainConfig):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        frac = (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps)
+        frac = min(1.0, frac)
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if o.schedule == "cosine" else 1 - frac
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+    return f
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Setup, train, save, export: the shared core of the pretraining stages and post-training SFT."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+        self.position = 0  # this rank's local data position
+        self.metrics: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        mp = self.cfg.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() else "no"
+        kwargs = {}
+        if self.cfg.deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=self.cfg.deepspeed)
+        return Accelerator(
+            mixed_precision=mp,
+            gradient_accumulation_steps=self.cfg.grad_accum,
+            # A micro-batch without images leaves the vision tower unused; DDP must not wait for its gradients.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            cpu=not torch.cuda.is_available(),
+            **kwargs,
+        )
+
+    def setup(self, resume: bool = False) -> Trainer:
+        cfg = self.cfg
+        self.acc = acc = self._accelerator()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model, self.processor = load_model(cfg.model, seed=cfg.seed)
+        inject_lora(model, cfg.lora)
+        self.trainable = apply_freeze(model, cfg.freeze, model.config)
+        self.head = None
+        if cfg.objective == "contrastive":
+            c = cfg.contrastive
+            torch.manual_seed(cfg.seed)
+            self.head = SigLIPHead(
+                model.config.vision.hidden_size,
+                model.config.text.hidden_size,
+                c.embed_dim,
+                c.init_temperature,
+                c.init_bias,
+            )
+            model.head = self.head  # a sub-module, so DDP/DeepSpeed see and sync it
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        logger.info("trainable: %d of %d parameters (%d tensors)", n_train, n_all, len(self.trainable))
+        self.n_trainable = n_train
+
+        optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+        # The schedule stays outside accelerate, which would step it once per process: it counts optimizer steps.
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = scheduler
+        if resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is not None:
+                self._load_checkpoint(ckpt)
+            else:
+                logger.info("--resume: no checkpoint under %s, starting fresh", self.out)
+        self.stream = TrainStream(
+            cfg.data,
+            self.processor,
+            cfg.seed,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            start=self.position,
+        )
+        return self
+
+    def _param_groups(self, model) -> list[dict]:
+        """Weight decay on matrices only (never on embeddings, norms or biases); ``optim.lr_scale`` multipliers."""
+        import re
+
+        scales = [(re.compile(k), v) for k, v in self.cfg.optim.lr_scale.items()]
+        groups: dict[tuple[float, float], list] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            wd = self.cfg.optim.weight_decay if p.ndim >= 2 and "embed" not in name else 0.0
+            scale = next((v for r, v in scales if r.match(name)), 1.0)
+            groups.setdefault((wd, scale), []).append(p)
+        return [
+            {"params": ps, "weight_decay": wd, "lr": self.cfg.optim.lr * scale}
+            for (wd, scale), ps in groups.items()
+        ]
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically (temporary folder, then rename) and prune to ``keep_last``."""
+        from safetensors.torch import save_file
+
+        acc = self.acc
+        folder = self.out / "checkpoints"
+        final = folder / _STEP.format(self.step)
+        tmp = folder / (final.name + ".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        # Every rank: its RNG and data position.
+        torch.save(
+            {"rng": _rng_state(), "position": self.position},
+            tmp / f"rank{acc.process_index}.pt",
+        )
+        if self.cfg.deepspeed:
+            acc.save_state(str(tmp / "deepspeed"))  # sharded optimizer/model states, every rank
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = self._unwrapped()
+            state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(state, str(tmp / "trainable.safetensors"))
+            if not self.cfg.deepspeed:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            meta = {"step": self.step, "world": acc.num_processes, "config": asdict(self.cfg)}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+            for f in tmp.iterdir():  # data on disk before the rename makes the folder visible
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))[
+                : -self.cfg.keep_last
+            ]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        acc = self.acc
+        meta = json.loads((ckpt / "state.json").read_text())
+        if meta["world"] != acc.num_processes:
+            raise RuntimeError(
+                f"{ckpt}: written by {meta['world']} processes, resuming with {acc.num_processes}: "
+                "the data order would differ; resume with the same world size"
+            )
+        model = self._unwrapped()
+        state = load_file(str(ckpt / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+        if self.cfg.deepspeed:
+            acc.load_state(str(ckpt / "deepspeed"))
+        else:
+            self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        rank = torch.load(ckpt / f"rank{acc.process_index}.pt", weights_only=False)
+        _set_rng_state(rank["rng"])
+        self.position = rank["position"]
+        self.step = meta["step"]
+        self.metrics = [json.loads(x) for x in (ckpt / "metrics.jsonl").read_text().splitlines() if x]
+        logger.info("resumed from %s (step %d)", ckpt, self.step)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _micro_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        if self.cfg.objective == "contrastive":
+            return contrastive_loss(self.model, self.head, batch)
+        return lm_loss_sum(self.model, batch)
+
+    def train(self) -> list[dict]:
+        """Run to ``max_steps``; returns the metrics (one dict per optimizer step)."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        self.out.mkdir(parents=True, exist_ok=True)
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=False
+        )
+        batches = iter(loader)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=cfg.name,
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+        )
+        metrics_path = self.out / "metrics.jsonl"
+        if acc.is_main_process:  # rewrite: after a resume, steps past the checkpoint are dropped
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        start_time = time.perf_counter()
+        self.model.train()
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            window = [next(batches) for _ in range(cfg.grad_accum)]
+            self.position = window[-1]["next_position"]
+            local = torch.tensor(
+                [sum(self._count(b) for b in window), sum(b["num_tokens"] for b in window)], dtype=torch.float64
+            )
+            total = acc.reduce(local.to(acc.device), reduction="sum").cpu()  # trained labels, tokens: all ranks
+            denom = max(float(total[0]), 1.0)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            grad_norm = None
+            for batch in window:
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss, _ = self._micro_loss(batch)
+                    # accelerate divides by grad_accum and DDP averages over ranks: undo both, so the gradient is
+                    # that of (sum over the step's tokens) / (the step's token count).
+                    scale = (
+                        acc.num_processes * cfg.grad_accum / denom
+                        if cfg.objective == "lm"
+                        else 1.0  # contrastive: mean over micro-batches and ranks
+                    )
+                    acc.backward(loss * scale)
+                    loss_sum += loss.detach().double().cpu()
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+            total_loss = acc.reduce(loss_sum.to(acc.device), reduction="sum").cpu()
+            loss_value = float(
+                total_loss / denom
+                if cfg.objective == "lm"
+                else total_loss / (acc.num_processes * cfg.grad_accum)
+            )
+            self.step += 1
+            dt = time.perf_counter() - t0
+            m = {
+                "step": self.step,
+                "loss": loss_value,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens": int(total[1]),
+                "tokens_per_s": float(total[1]) / dt,
+                "time_s": time.perf_counter() - start_time,
+            }
+            self.metrics.append(m)
+            if acc.is_main_process:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(m) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        if acc.is_main_process and self.metrics:
+            plot_losses(self.metrics, self.out / "loss.png", cfg.name)
+        s = self.stream.stats
+        if s.skipped_media or s.skipped_too_long:
+            logger.warning(
+                "skipped %d samples with unreadable media, %d longer than data.max_length",
+                s.skipped_media,
+                s.skipped_too_long,
+            )
+        return self.metrics
+
+    def _count(self, batch: dict) -> int:
+        if self.cfg.objective == "contrastive":
+            return batch["input_ids"].shape[0]
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    # ------------------------------------------------------------------------------------------------ export
+    def export(self) -> Path | None:
+        """``<output_dir>/final``: ``weights.safetensors`` (delta file: trained tensors, LoRA factors, trained
+        embedding rows) and ``model/`` (LoRA merged; ``load_pretrained`` reads it)."""
+        from safetensors.torch import save_file
+
+        acc = self.acc
+        acc.wait_for_everyone()
+        final = self.out / "final"
+        if not acc.is_main_process:
+            return final
+        model = self._unwrapped()
+        tmp = self.out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        delta = {k: v for k, v in trained_delta(model).items() if not k.startswith("head.")}
+        save_file(delta, str(tmp / "weights.safetensors"))
+        if self.head is not None:
+            save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            del model.head
+        merge_lora(model)
+        model.save_pretrained(tmp / "model")
+        self.processor.save_pretrained(tmp / "model")
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        return final

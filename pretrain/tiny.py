@@ -1,0 +1,206 @@
+"""Train keye-tiny end to end on 2 CPU cores and write its shipped weights: ``python -m keye.pretrain.tiny``.
+
+    data      synthetic videos (seed 1000) and images (seed 1001), 112x112, 4 s at 8 fps, every question of each:
+              manifests of captions, open answers, Video-MME-style multiple choice, and text-only multiple choice
+    stage 0-3 configs/pretrain/stage{0,1,2,3}_tiny.yaml through the pretraining recipe (each resumable)
+    asset     the four stages' delta files composed into one (vision tower, projector, new token rows, LoRA
+              factors: no SmolLM2 weight) -> keye/assets/keye-tiny.safetensors (``--asset`` elsewhere)
+    eval      `evaluate_open`: open-ended accuracy per question type on a seed never trained on (the multiple-choice
+              score comes from the harness: ``keye eval synthetic --model runs/keye-tiny/stage3/final/model``)
+
+Interrupted? Run the same command again: finished stages are skipped, the running one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+__all__ = ["build_asset", "evaluate_open", "main", "prepare_data"]
+
+logger = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+STAGES = ["stage0_tiny", "stage1_tiny", "stage2_tiny", "stage3_tiny"]
+TRAIN_SEEDS = {"video": 1000, "image": 1001}
+# The Video-MME prompt, as the harness builds it (keye.eval.videomme; recipes do not import the harness).
+MC_INSTRUCTION = (
+    "Select the best answer to the following multiple-choice question based on the video. "
+    "Respond with only the letter (A, B, C, or D) of the correct option."
+)
+MC_CUE = "The best answer is:"
+
+
+def _chat(media: dict | None, user: str, answer: str, meta: dict) -> dict:
+    content = [media, {"type": "text", "text": user}] if media else user
+    return {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        "meta": meta,
+    }
+
+
+def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2) -> Path:
+    """Generate the media and write the manifests under ``root`` (skipped when already there)."""
+    from keye.synthetic import generate_dataset, load_samples
+
+    root = Path(root)
+    if (root / "DONE").exists():
+        return root
+    for kind, n in (("video", n_video), ("image", n_image)):
+        if not (root / kind / "samples.jsonl").exists():
+            generate_dataset(
+                root / kind,
+                seed=TRAIN_SEEDS[kind],
+                n=n,
+                kinds=(kind,),
+                size=(112, 112),
+                fps=8,
+                duration=4.0,
+                per_sample="all",
+                workers=workers,
+            )
+    for kind in ("video", "image"):
+        samples = load_samples(root / kind / "samples.jsonl")
+        out = defaultdict(list)
+        for s in samples:
+            media = {"type": kind, kind: str(Path(s.media).resolve().relative_to(root.resolve()))}
+            out["caption"].append(_chat(media, f"Describe the {kind}.", s.caption, {"qtype": "caption"}))
+            for qa in s.questions:
+                meta = {"qtype": qa.qtype, "answer": qa.answer}
+                out["open"].append(_chat(media, qa.question, qa.answer, meta))
+                mc = "\n".join([MC_INSTRUCTION, qa.question, *qa.options, MC_CUE])
+                out["mc"].append(_chat(media, mc, qa.answer_letter, meta))
+                if kind == "video":  # the letter format without vision: the answer is in a written description
+                    text = f"The video: {s.caption}\n{mc}"
+                    out["text_mc"].append(_chat(None, text, qa.answer_letter, meta))
+        for name, lines in out.items():
+            path = root / (f"{name}_{kind}.jsonl" if name != "text_mc" else "text_mc.jsonl")
+            path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "DONE").write_text("ok\n")
+    return root
+
+
+def run_stages(stages: list[str], overrides: list[str]) -> None:
+    from keye.pretrain.recipe import run
+    from keye.training import load_config
+
+    for stage in stages:
+        cfg = load_config(CONFIGS / f"{stage}.yaml", overrides)
+        if (Path(cfg.output_dir) / "final" / "weights.safetensors").exists():
+            logger.info("%s: already trained (%s/final)", stage, cfg.output_dir)
+            continue
+        t0 = time.perf_counter()
+        run(CONFIGS / f"{stage}.yaml", overrides, resume=True)
+        logger.info("%s: %.1f min", stage, (time.perf_counter() - t0) / 60)
+
+
+def build_asset(stage_dirs: list[Path], out: Path) -> Path:
+    """Compose the stages' delta files into the one file keye-tiny ships (fp32)."""
+    from safetensors.torch import save_file
+
+    from keye.training.model import compose_deltas, read_tensors
+
+    delta = compose_deltas([read_tensors(d / "final") for d in stage_dirs])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in delta.items()}, str(out))
+    logger.info("%s: %d tensors, %.1f MB", out, len(delta), out.stat().st_size / 1e6)
+    return out
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def evaluate_open(
+    model, processor, *, seed: int, n: int, media_dir: Path, qtypes: tuple[str, ...] | None = None
+) -> dict:
+    """Open-ended accuracy: the question alone, a short greedy answer, correct when it names the true answer and
+    no other option. Questions of videos ``syn-video-<seed>-<i>`` in order (as the synthetic benchmark takes them)."""
+    from keye.synthetic import make_video_sample
+
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    asked, index = 0, 0
+    model.eval()
+    while asked < n:
+        s = make_video_sample(media_dir, seed, index=index, size=(112, 112), fps=8, duration=4.0)
+        index += 1
+        video = processor.load_video(s.media, fps=2.0, max_frames=1365, token_budget=65536)
+        for qa in s.questions:
+            if asked >= n:
+                break
+            asked += 1
+            if qtypes is not None and qa.qtype not in qtypes:
+                continue
+            msgs = [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": qa.question}]}]
+            inputs = processor(msgs)
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            pred = _words(processor.decode(out[0, inputs["input_ids"].shape[1] :]))
+            values = [o.split(". ", 1)[1].lower() for o in qa.options]
+            truth = qa.answer.lower()
+            ok = truth in pred and not any(v in pred for v in values if v != truth)
+            per[qa.qtype][0] += int(ok)
+            per[qa.qtype][1] += 1
+    result = {k: {"correct": c, "n": t, "acc": 100.0 * c / t} for k, (c, t) in sorted(per.items())}
+    c = sum(v[0] for v in per.values())
+    t = sum(v[1] for v in per.values())
+    result["overall"] = {"correct": c, "n": t, "acc": 100.0 * c / max(t, 1)}
+    return result
+
+
+def load_with_asset(asset: Path | None):
+    """keye-tiny as `load_pretrained` builds it without an asset, plus ``asset`` applied (None: untrained)."""
+    from keye.modeling import KeyeForConditionalGeneration
+    from keye.processing import KeyeProcessor
+    from keye.training.model import apply_delta, keye_tiny_base, read_tensors
+
+    folder = keye_tiny_base()
+    model = KeyeForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    if asset is not None:
+        apply_delta(model, read_tensors(asset))
+    return model.eval(), KeyeProcessor.from_pretrained(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keye.pretrain.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("runs/keye-tiny/data"))
+    parser.add_argument("--n-video", type=int, default=2400)
+    parser.add_argument("--n-image", type=int, default=1200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--stages", nargs="+", default=STAGES)
+    parser.add_argument("--asset", type=Path, default=Path(__file__).resolve().parents[1] / "keye" / "assets" / "keye-tiny.safetensors")
+    parser.add_argument("--eval-seed", type=int, default=7, help="a seed never used in training")
+    parser.add_argument("--eval-n", type=int, default=0, help="open-ended questions to score (0: skip)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every stage")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    prepare_data(args.data, args.n_video, args.n_image, args.workers)
+    logger.info("data ready: %.1f min", (time.perf_counter() - t0) / 60)
+    run_stages(args.stages, args.overrides)
+    from keye.training import load_config
+
+    dirs = [Path(load_config(CONFIGS / f"{s}.yaml", args.overrides).output_dir) for s in STAGES]
+    if all((d / "final" / "weights.safetensors").exists() for d in dirs):
+        build_asset(dirs, args.asset)
+    logger.info("total: %.1f min", (time.perf_counter() - t0) / 60)
+    if args.eval_n:
+        for name, asset in (("untrained", None), ("trained", args.asset)):
+            model, processor = load_with_asset(asset)
+            res = evaluate_open(model, processor, seed=args.eval_seed, n=args.eval_n, media_dir=args.data.parent / "eval")
+            print(name, json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""The Gradio demo's handlers, in process: media checks and plans, streaming turns, Stop, the tool loop, display.
+
+The same handlers behind a running server and a real browser: tests/test_demo_browser.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio")
+
+import gradio as gr  # noqa: E402
+
+from keye.demo.app import (  # noqa: E402
+    DemoApp,
+    DemoState,
+    Limits,
+    reply_messages,
+    split_thinking,
+    tool_round_messages,
+    tools_status,
+)
+from keye.demo.cli import add_parser  # noqa: E402
+
+PLAN = (2.0, 16, 1024)  # fps, max frames, token budget: keye-tiny's defaults
+
+
+@pytest.fixture(scope="module")
+def demo(keye_tiny):
+    model, processor = keye_tiny
+    return DemoApp(model, processor, model_name="keye-tiny", limits=Limits())
+
+
+@pytest.fixture(scope="module")
+def corrupt_video(media_dir, sample_video):
+    path = media_dir / "corrupt.mp4"
+    path.write_bytes(sample_video.read_bytes()[:3000])  # a truncated container
+    return path
+
+
+def drain(gen):
+    """Run a handler generator to the end; return its last output and how many outputs it gave."""
+    outputs = list(gen)
+    return outputs[-1], len(outputs)
+
+
+# ------------------------------------------------------------------------------------------------ display
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The square is red.", (None, "The square is red.", False)),
+        ("<think>It moves left.</think>\n\nLeft.", ("It moves left.", "Left.", False)),
+        ("<think>Still think", ("Still think", "", True)),
+        ("pre-filled reasoning</think> Answer", ("pre-filled reasoning", "Answer", False)),
+        ("<think>\n\n</think>\n\nDirect.", ("", "Direct.", False)),
+    ],
+)
+def test_split_thinking(text, expected):
+    assert split_thinking(text) == expected
+
+
+def test_reasoning_is_a_collapsed_thought_once_closed():
+    streaming = reply_messages("<think>counting frames", streaming=True)
+    assert streaming == [
+        {
+            "role": "assistant",
+            "content": "counting frames",
+            "metadata": {"title": "Thinking", "status": "pending"},
+        }
+    ]
+    done = reply_messages("<think>counting frames</think>Three.", streaming=False)
+    assert [m["content"] for m in done] == ["counting frames", "Three."]
+    assert done[0]["metadata"]["status"] == "done"  # Gradio renders a "done" thought collapsed
+    assert reply_messages("<think></think>", streaming=False)[0]["content"] == "*(empty reply)*"
+    assert reply_messages("", streaming=True) == []  # nothing yet: Gradio shows its pending dots
+    gr.Chatbot().postprocess(done)  # the format Gradio's Chatbot accepts
+
+
+def test_tool_round_messages_show_code_output_and_images(tmp_path):
+    from keye.tools.protocol import parse_turn
+    from keye.tools.sandbox import SandboxResult
+
+    crop = tmp_path / "crop.png"
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(crop)
+    text = "<think>zoom in</think><code>\n```python\nprint(1)\n```\n</code>"
+    result = SandboxResult(
+        ok=True, stdout="(60, 40)\n", stderr="", images=[str(crop)], error=None, elapsed_s=0.2,
+        killed_by=None, repairs=["added import"], code="print(1)",
+    )  # fmt: skip
+    rnd = argparse.Namespace(text=text, parsed=parse_turn(text), result=result)
+    messages = tool_round_messages(1, rnd)
+    titles = [m["metadata"]["title"] for m in messages]
+    assert titles == ["Round 1: thinking", "Round 1: code (ok, 0.20 s)", "Sandbox output", "Image crop.png"]
+    assert "```python\nprint(1)\n```" in messages[1]["content"]
+    assert "(60, 40)" in messages[2]["content"] and "repair: added import" in messages[2]["content"]
+    assert messages[3]["content"] == {"path": str(crop)}
+    assert all(m["metadata"].get("parent_id") == "tool-1" for m in messages[2:])
+    out = gr.Chatbot().postprocess(messages)
+    assert out.root[3].content[0].file.path == str(crop)
+
+
+def test_cli_parser_flags():
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo"])
+    assert (args.model, args.host, args.port, args.share) == ("keye-tiny", "127.0.0.1", 7860, False)
+    args = parser.parse_args(
+        ["demo", "--model", "m", "--port", "0", "--share", "--max-upload-mb", "5", "--max-duration", "30"]
+    )
+    assert (args.model, args.port, args.share, args.max_upload_mb, args.max_duration) == (
+        "m",
+        0,
+        True,
+        5.0,
+        30.0,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ media
+def test_video_upload_plans_frames_and_counts_tokens(demo, sample_video, keye_tiny):
+    _, processor = keye_tiny
+    box, st, history, strip, summary = demo.on_media(str(sample_video), None, *PLAN)
+    plan = st.pending.video.plan.to_dict()
+    assert plan == processor.load_video(str(sample_video)).plan.to_dict()  # the processor's own plan
+    assert f"**{plan['total_tokens']} vision tokens**" in summary
+    assert f"{len(plan['frames'])} frames" in summary
+    assert isinstance(strip, Image.Image) and history == []
+    # A smaller budget re-plans the waiting video: fewer tokens.
+    st, strip, summary = demo.on_settings(st, 2.0, 16, 64)
+    assert st.pending.video.plan.total_tokens <= 64 < plan["total_tokens"]
+    assert f"**{st.pending.video.plan.total_tokens} vision tokens**" in summary
+    # One too small for a single frame keeps the previous plan and says why.
+    st, _, summary = demo.on_settings(st, 2.0, 16, 1)
+    assert summary.startswith("⚠") and "token_budget 1 cannot hold one frame" in summary
+    assert st.pending.video.plan.total_tokens <= 64
+
+
+@pytest.mark.parametrize(
+    "name, content, limits, reason",
+    [
+        ("corrupt.mp4", None, Limits(), "cannot open as a video"),
+        ("notes.txt", b"hello", Limits(), "unsupported file type"),
+        ("broken.png", b"\x89PNG\r\n\x1a\nnot really", Limits(), "corrupt or truncated image"),
+        ("big.mp4", "sample", Limits(max_upload_mb=0.001), "over this demo's limit of 0.001 MB"),
+        ("long.mp4", "sample", Limits(max_duration_s=1), "this demo accepts videos up to 1 s"),
+    ],
+)
+def test_bad_files_become_a_readable_chat_message(
+    keye_tiny, tmp_path, corrupt_video, sample_video, name, content, limits, reason
+):
+    model, processor = keye_tiny
+    app = DemoApp(model, processor, model_name="keye-tiny", limits=limits)
+    path = tmp_path / name
+    if content is None:
+        path.write_bytes(corrupt_video.read_bytes())
+    elif content == "sample":
+        path.write_bytes(sample_video.read_bytes())
+    else:
+        path.write_bytes(content)
+    box, st, history, strip, summary = app.on_media(str(path), DemoState(), *PLAN)
+    assert box is None and strip is None and st.pending is None  # the file is dropped
+    (message,) = history
+    assert message["role"] == "assistant"
+    assert message["content"].startswith(f"⚠ **{name}**: ") and reason in message["content"]
+    assert str(tmp_path) not in message["content"] and "Traceback" not in message["content"]
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def test_two_turns_stream_and_encode_the_video_once(demo, sample_video, keye_tiny, monkeypatch):
+    model, _ = keye_tiny
+    calls = []
+    original = model.vision.forward
+    monkeypatch.setattr(model.vision, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    _, st, *_ = demo.on_media(str(sample_video), None, *PLAN)
+    outputs = list(demo.respond("What is in the video?", st, "auto", False, 12))
+    assert len(outputs) >= 3  # the user turn, then the answer growing piece by piece
+    history, prompt_box, st, stats = outputs[-1]
+    assert prompt_box == "" and history[0] == {
+        "role": "user",
+        "content": "*[sample.mp4]*\n\nWhat is in the video?",
+    }
+    assert history[1]["role"] == "assistant" and history[1]["content"] == st.session.last_reply.text
+    assert f"{st.session.last_reply.num_tokens} new tokens" in stats and "tokens/s" in stats
+    assert st.pending is None and [m.name for m in st.sent] == ["sample.mp4"]
+    first_prompt = st.session.last_reply.prompt_tokens
+
+    (history, _, st, stats), _ = drain(demo.respond("And then?", st, "off", False, 8))
+    assert len(calls) == 1  # the follow-up reused the cached video
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[2]["content"] == "And then?"
+    assert st.session.last_reply.prompt_tokens > first_prompt
+    assert st.session.think is False
+
+
+def test_stop_ends_the_answer_and_the_conversation_goes_on(demo):
+    st = DemoState()
+    gen = demo.respond("Write a long story about a robot.", st, "auto", False, 200)
+    next(gen)  # the user turn is shown
+    next(gen)  # the first piece of the answer
+    demo.on_stop(st)
+    (history, _, st, stats), _ = drain(gen)
+    assert st.session.last_reply.num_tokens < 50 and "stopped" in stats
+    (history, _, st, stats), _ = drain(demo.respond("Thanks.", st, "auto", False, 4))
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert "stopped" not in stats  # the next turn starts with the flag cleared
+
+
+def test_clear_forgets_everything(demo, sample_video):
+    _, st, *_ = demo.on_media(str(sample_video), None, *PLAN)
+    drain(demo.respond("Hi", st, "auto", False, 2))
+    new_state, history, strip, tokens, stats, box, prompt = demo.on_clear(st)
+    assert st.stop.is_set() and new_state.session is None and new_state.pending is None
+    assert (history, strip, tokens, stats, box, prompt) == ([], None, "", "", None, "")
+
+
+def test_tool_mode_shows_each_round(demo, tmp_path, monkeypatch):
+    """Tools on: keye's Thyme loop runs the model's code in the sandbox; the chat shows code, output, images."""
+    ok, why = tools_status()
+    if not ok:
+        pytest.skip(why)
+    import keye.demo.app as app_module
+    from keye.chat import Reply
+
+    turns = iter(
+        [
+            "<think>zoom in</think><code>\n```python\nfrom PIL import Image\nim = Image.open(image_path)\n"
+            "print(im.size)\nim.crop((0, 0, 20, 10)).save('crop.png')\n```\n</code>",
+            "<think>it is 60x40</think><answer>60x40</answer>",
+        ]
+    )
+
+    class Scripted:  # stands in for the model's ChatSession: the loop, the sandbox and the display are real
+        def __init__(self, *args, **kwargs):
+            self.kwargs = kwargs
+
+        def send(self, content, **kwargs):
+            assert "stopping_criteria" in kwargs  # Stop reaches the model's generate
+            return Reply(text=next(turns), num_tokens=7, prompt_tokens=1)
+
+    monkeypatch.setattr(app_module, "ChatSession", Scripted)
+    image = tmp_path / "in.png"
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(image)
+    _, st, *_ = demo.on_media(str(image), None, *PLAN)
+    (history, _, st, stats), n = drain(demo.respond("How big is it?", st, "auto", True, 64))
+    titles = [m.get("metadata", {}).get("title") for m in history]
+    assert titles[:5] == [
+        None,
+        "Round 1: thinking",
+        next(t for t in titles if t and t.startswith("Round 1: code (ok")),
+        "Sandbox output",
+        "Image crop.png",
+    ]
+    assert "(60, 40)" in history[3]["content"]
+    assert Image.open(history[4]["content"]["path"]).size == (20, 10)
+    assert titles[5] == "Round 2: thinking" and history[-1] == {"role": "assistant", "content": "60x40"}
+    assert "14 new tokens" in stats and n >= 4  # user turn, round 1, round 2, final

@@ -1,0 +1,69 @@
+"""The Thyme loop: code rounds run in the sandbox, outputs and images return, the round limit holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keye.chat import Reply
+from keye.tools.loop import FINAL_ANSWER_PROMPT, run_tool_loop
+
+
+class ScriptedSession:
+    """A stand-in for ChatSession that replies from a script and records what it was sent."""
+
+    def __init__(self, replies):
+        self.replies, self.sent = list(replies), []
+
+    def send(self, content, **_):
+        self.sent.append(content)
+        text = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        return Reply(text=text, num_tokens=1, prompt_tokens=1)
+
+
+CROP = "<think>zoom in</think><code>\n```python\nfrom PIL import Image\nim = Image.open(image_path)\nprint(im.size)\nim.crop((0, 0, 20, 10)).save('crop.png')\n```\n</code>"
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(path)
+    return path
+
+
+def test_code_round_then_answer(image, tmp_path):
+    session = ScriptedSession([CROP, "<think>it is 60x40</think><answer>60x40</answer>"])
+    trace = run_tool_loop(session, "How big is it?", [image], out_dir=tmp_path / "out")
+    assert trace.answer == "60x40" and trace.stopped == "answer" and len(trace.rounds) == 2
+    result = trace.rounds[0].result
+    assert result.ok and result.stdout.strip() == "(60, 40)"
+    assert len(result.images) == 1 and Image.open(result.images[0]).size == (20, 10)
+    # the sandbox's reply went back as a user turn with the new image inside <sandbox_output>
+    reply = session.sent[1]
+    assert (
+        reply[0]["text"].startswith("<sandbox_output>(60, 40)") and reply[-1]["text"] == "</sandbox_output>"
+    )
+    assert reply[1] == {"type": "image", "image": result.images[0]}
+    assert trace.to_dict()["rounds"][0]["result"]["stdout"].strip() == "(60, 40)"
+
+
+def test_round_limit_then_final_answer_demanded(image, tmp_path):
+    session = ScriptedSession([CROP])  # never answers on its own
+    trace = run_tool_loop(session, "?", [image], max_rounds=2, out_dir=tmp_path / "out")
+    ran = [r for r in trace.rounds if r.result is not None]
+    assert len(ran) == 2  # code ran exactly max_rounds times
+    assert trace.stopped == "max_rounds" and trace.answer is None
+    assert session.sent[-1] == [{"type": "text", "text": FINAL_ANSWER_PROMPT}]
+    assert len(trace.rounds) == 4  # 2 code rounds, 1 refused, 1 demanded answer
+
+
+def test_repairs_are_applied_and_reported(image, tmp_path):
+    sloppy = "<code>\n```python\nim = Image.open(img_path)\nprint(np.array(im).shape)\n```\n</code>"
+    trace = run_tool_loop(
+        ScriptedSession([sloppy, "<answer>ok</answer>"]), "?", [image], out_dir=tmp_path / "o"
+    )
+    result = trace.rounds[0].result
+    assert result.ok, result.error
+    assert result.stdout.strip() == "(40, 60, 3)"
+    assert result.repairs  # missing imports and the wrong path variable were fixed
