@@ -107,7 +107,9 @@ class ChatSession:
     @staticmethod
     def content(text: str, images=(), videos=()) -> list[dict]:
         """A user turn's content parts: videos, then images, then the text."""
-        parts = [{"type": "video", "video": v} for v in videos] + [{"type": "image", "image": i} for i in images]
+        parts = [{"type": "video", "video": v} for v in videos] + [
+            {"type": "image", "image": i} for i in images
+        ]
         return parts + [{"type": "text", "text": text}]
 
     @torch.inference_mode()
@@ -121,7 +123,9 @@ class ChatSession:
         """Ask and wait for the whole reply."""
         return self.send(self.content(text, images, videos), max_new_tokens=max_new_tokens, **gen_kwargs)
 
-    def stream(self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs) -> Iterator[str]:
+    def stream(
+        self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs
+    ) -> Iterator[str]:
         """Ask and yield the reply's text as it is generated; ``last_reply`` holds the whole reply afterwards."""
         content = self.content(text, images, videos)
         inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)

@@ -84,12 +84,20 @@ def _chat_tools(args, model, processor) -> int:
         if rnd.result is not None:
             r = rnd.result
             status = "ok" if r.ok else f"failed ({r.killed_by or r.error})"
-            print(f"[sandbox {status} in {r.elapsed_s:.2f} s; repairs: {r.repairs or 'none'}; images: {r.images}]")
+            print(
+                f"[sandbox {status} in {r.elapsed_s:.2f} s; repairs: {r.repairs or 'none'}; images: {r.images}]"
+            )
             if r.stdout:
                 print(r.stdout.rstrip())
 
-    trace = run_tool_loop(session, args.prompt, args.image, max_rounds=args.max_rounds,
-                          max_new_tokens=args.max_new_tokens, on_round=show)
+    trace = run_tool_loop(
+        session,
+        args.prompt,
+        args.image,
+        max_rounds=args.max_rounds,
+        max_new_tokens=args.max_new_tokens,
+        on_round=show,
+    )
     if args.json:
         print(json.dumps(trace.to_dict()))
     else:
@@ -219,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, help="cap on sampled frames")
     p.add_argument("--token-budget", type=int, help="vision token budget per video")
     p.add_argument("--tools", action="store_true", help="Thyme mode: the model may run Python on the images")
-    p.add_argument("--max-rounds", type=int, default=4, help="code rounds before an answer is demanded (--tools)")
+    p.add_argument(
+        "--max-rounds", type=int, default=4, help="code rounds before an answer is demanded (--tools)"
+    )
     p.add_argument("--json", action="store_true", help="with --tools: print the whole trace as JSON")
     p.set_defaults(func=_chat)
 

@@ -69,7 +69,9 @@ def add_keye_tokens(tokenizer) -> dict[str, int]:
     plain = {VISION_TOKENS["think_start"], VISION_TOKENS["think_end"]}  # kept when decoding, like Qwen3's
     special = [t for t in VISION_TOKENS.values() if t not in vocab and t not in plain]
     if special:
-        tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": special}, replace_extra_special_tokens=False
+        )
     tokenizer.add_tokens(sorted(t for t in plain if t not in vocab), special_tokens=False)
     return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in VISION_TOKENS.items()}
 
