@@ -1,8 +1,9 @@
 """`KeyePredictor`: the harness's `Predictor` over keye's public API (load_pretrained, processor, generate).
 
-Each video is decoded, encoded and prefilled ONCE: `prepare_video` runs the prompt prefix that ends with the video
-(``<|im_start|>user\\n<|vision_start|> ... <|vision_end|>``) through the model and keeps its KV cache; every question
-then only prefills its own text on top of that cache, which is cropped back to the prefix afterwards.
+Each video is decoded, encoded (and compressed, with ``--compress dyntok``) ONCE: `prepare_video` runs the prompt
+prefix that ends with the video (``<|im_start|>user\\n<|vision_start|> ... <|vision_end|>``) through the model and keeps
+its KV cache; every question then only prefills its own text on top of that cache, which is cropped back to the prefix
+afterwards. With ``reuse_cache=False`` the video's tokens are kept instead and the prefix is prefilled per question.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from keye import load_pretrained
+from keye.compression import compress_inputs
 from keye.eval.predictor import Prediction, Subtitle
 from keye.processing import VideoInput
 
@@ -22,9 +24,12 @@ from keye.processing import VideoInput
 @dataclass
 class PreparedVideo:
     video: VideoInput
-    prefix_ids: torch.Tensor  # (1, L) prompt tokens up to and including <|vision_end|>
-    cache: DynamicCache | None  # KV cache of prefix_ids; None when reuse is off
-    overrides: dict
+    prefix_ids: torch.Tensor  # (1, L) prompt tokens up to and including <|vision_end|> (after compression)
+    prefix_positions: torch.Tensor  # (3, 1, L)
+    full_prefix_length: int  # the same prefix before compression (where each question's own tokens start)
+    cache: DynamicCache | None  # KV cache of the prefix; None when reuse is off
+    video_embeds: torch.Tensor | None  # the video's tokens, kept when reuse is off
+    vision_tokens: int
 
 
 class KeyePredictor:
@@ -48,51 +53,50 @@ class KeyePredictor:
         compress: str,
         subtitles: list[Subtitle] | None = None,
     ) -> PreparedVideo:
-        if compress != "none":
-            raise NotImplementedError(
-                f"compress={compress!r}: DynTok/Clapper are not wired into generation yet"
-            )
-        overrides = dict(fps=fps, max_frames=max_frames, token_budget=token_budget)
-        video = self.processor.load_video(video_path, **overrides)  # raises VideoDecodeError on a bad file
-        inputs = self.processor(self._messages(video, ""))
+        video = self.processor.load_video(
+            video_path, fps=fps, max_frames=max_frames, token_budget=token_budget
+        )
+        full = self.processor(self._messages(video, ""))
+        full_end = int((full["input_ids"][0] == self.model.config.vision_end_token_id).nonzero()[-1]) + 1
+        if compress == "none":
+            with torch.inference_mode():
+                full["video_embeds"] = self.model.encode_vision(
+                    full["pixel_values_videos"].to(self.model.device), full["video_grid_thw"]
+                )
+        inputs, n_tokens = compress_inputs(self.model, full, compress)  # encodes the video (once)
         end = int((inputs["input_ids"][0] == self.model.config.vision_end_token_id).nonzero()[-1]) + 1
-        prefix = inputs["input_ids"][:, :end]
+        prefix, positions = inputs["input_ids"][:, :end], inputs["position_ids"][:, :, :end]
+        embeds = inputs["video_embeds"]
         cache = None
         if self.reuse_cache:
             cache = DynamicCache(config=self.model.config.text_config)
             device = self.model.device
             with torch.inference_mode():
-                self.model(
-                    input_ids=prefix.to(device),
-                    position_ids=inputs["position_ids"][:, :, :end].to(device),
-                    pixel_values_videos=inputs["pixel_values_videos"].to(device),
-                    video_grid_thw=inputs["video_grid_thw"].to(device),
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-        return PreparedVideo(video=video, prefix_ids=prefix, cache=cache, overrides=overrides)
+                self.model(input_ids=prefix.to(device), position_ids=positions.to(device), video_embeds=embeds,
+                           cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+            embeds = None
+        return PreparedVideo(video, prefix, positions, full_end, cache, embeds, n_tokens)
 
     def answer(self, prepared: PreparedVideo, prompt: str, *, max_new_tokens: int, think: bool) -> Prediction:
-        inputs = self.processor(self._messages(prepared.video, prompt), think=think if think else None)
-        ids = inputs["input_ids"]
+        # The question's own tokens and positions: the part after the video of a freshly processed prompt (the
+        # positions of the full, uncompressed layout, which compression keeps).
+        full = self.processor(self._messages(prepared.video, prompt), think=think if think else None)
+        suffix = slice(prepared.full_prefix_length, None)
+        ids = torch.cat([prepared.prefix_ids, full["input_ids"][:, suffix]], dim=1)
+        positions = torch.cat([prepared.prefix_positions, full["position_ids"][:, :, suffix]], dim=2)
         device = self.model.device
         kwargs: dict[str, Any] = dict(
             input_ids=ids.to(device),
             attention_mask=torch.ones_like(ids).to(device),
-            position_ids=inputs["position_ids"].to(device),
+            position_ids=positions.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )
         n = prepared.prefix_ids.shape[1]
         if prepared.cache is not None:
-            assert torch.equal(ids[:, :n], prepared.prefix_ids), "prompt prefix changed between questions"
             kwargs["cache"] = prepared.cache
         else:
-            kwargs.update(
-                pixel_values_videos=inputs["pixel_values_videos"].to(device),
-                video_grid_thw=inputs["video_grid_thw"].to(device),
-            )
+            kwargs["video_embeds"] = prepared.video_embeds
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**kwargs)

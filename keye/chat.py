@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, TextIteratorStreamer
 
+from keye.compression import compress_inputs
 from keye.modeling import KeyeForConditionalGeneration
 from keye.processing import KeyeProcessor, VideoInput
 
@@ -36,11 +37,13 @@ class ChatSession:
         *,
         think: bool | None = None,
         system: str | None = None,
+        compress: str = "none",
         **video_overrides,
     ):
         self.model = model
         self.processor = processor
         self.think = think
+        self.compress = compress
         self.video_overrides = video_overrides
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.ids = torch.zeros(
@@ -56,7 +59,9 @@ class ChatSession:
         turn = [{"role": "user", "content": content}]
         if not self.ids.shape[1]:
             turn = self.messages + turn
-        inputs = self.processor(turn, think=self.think, **self.video_overrides)
+        processed = self.processor(turn, think=self.think, **self.video_overrides)
+        inputs, _ = compress_inputs(self.model, processed, self.compress)
+        inputs["videos"] = processed.videos
         ids, pos = inputs["input_ids"], inputs["position_ids"]
         if self.ids.shape[1]:
             # Close the previous assistant turn exactly as a full re-render of the conversation would.
@@ -84,7 +89,13 @@ class ChatSession:
             do_sample=False,
             **gen_kwargs,
         )
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        for key in (
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+            "video_embeds",
+        ):
             if key in inputs:
                 kwargs[key] = inputs[key].to(device)
         return inputs, kwargs
@@ -100,8 +111,8 @@ class ChatSession:
         )
         text = self.processor.decode(new_tokens[0], skip_special_tokens=True).strip()
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": text}]
-        self.videos += inputs.videos
-        self.last_reply = Reply(text=text, num_tokens=n, prompt_tokens=prompt_len, videos=inputs.videos)
+        self.videos += inputs["videos"]
+        self.last_reply = Reply(text=text, num_tokens=n, prompt_tokens=prompt_len, videos=inputs["videos"])
         return self.last_reply
 
     @staticmethod

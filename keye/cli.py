@@ -38,7 +38,7 @@ def _chat(args) -> int:
         overrides["token_budget"] = args.token_budget
     if args.tools:
         return _chat_tools(args, model, processor)
-    session = ChatSession(model, processor, think=args.think, **overrides)
+    session = ChatSession(model, processor, think=args.think, compress=args.compress, **overrides)
     gen = {"max_new_tokens": args.max_new_tokens}
 
     def turn(text: str, images=(), videos=()) -> None:
@@ -121,6 +121,16 @@ def _frames(args) -> int:
         }
     )
     plan, frames = plan_video(args.video, cfg)
+    if args.compress != "none":
+        from keye import load_pretrained
+        from keye.compression import compress_inputs
+        from keye.processing import VideoInput
+
+        model, processor = load_pretrained(args.model)
+        video = VideoInput(frames, [f.time for f in plan.frames], [f.kind for f in plan.frames], plan)
+        inputs = processor([{"role": "user", "content": [{"type": "video", "video": video}]}])
+        plan.compress = args.compress
+        plan.tokens_after_compression = compress_inputs(model, inputs, args.compress)[1]
     report = plan.to_dict()
     if args.plot:
         from keye.encoders.filmstrip import save_filmstrip
@@ -226,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="video sampling rate (default: the model's, at most 2)")
     p.add_argument("--max-frames", type=int, help="cap on sampled frames")
     p.add_argument("--token-budget", type=int, help="vision token budget per video")
+    p.add_argument("--compress", choices=["none", "dyntok"], default="none", help="video token compression")
     p.add_argument("--tools", action="store_true", help="Thyme mode: the model may run Python on the images")
     p.add_argument(
         "--max-rounds", type=int, default=4, help="code rounds before an answer is demanded (--tools)"
@@ -239,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, help="cap on sampled frames (default 1365)")
     p.add_argument("--token-budget", type=int, help="vision tokens for the whole video (default 65536)")
     p.add_argument(
-        "--compress", choices=["none"], default="none", help="token compression (DynTok/Clapper: TODO)"
+        "--compress", choices=["none", "dyntok"], default="none", help="token compression to report"
+    )
+    p.add_argument(
+        "--model", default="keye-tiny", help="model whose vision tower DynTok compares (with --compress)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="OUT.png", help="draw a film strip with slow/fast marks and timestamps")

@@ -50,9 +50,12 @@ class KeyeProjector(nn.Module):
             out.append(x.reshape(t * (h // m) * (w // m), -1))
         return torch.cat(out)
 
+    def project(self, merged: torch.Tensor) -> torch.Tensor:
+        """Merged patch features ``(M, 4*D_vit)`` -> LLM tokens ``(M, D_llm)``."""
+        return self.linear_2(self.act(self.linear_1(self.pre_norm(merged))))
+
     def forward(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        x = self.merge_patches(features, grid_thw)  # (N/4, 4*D_vit)
-        return self.linear_2(self.act(self.linear_1(self.pre_norm(x))))  # (N/4, D_llm)
+        return self.project(self.merge_patches(features, grid_thw))  # (N/4, D_llm)
 
 
 class KeyeTextModel(nn.Module):
@@ -154,6 +157,14 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         """Pixels ``(N, 3*14*14)`` -> LLM-width vision tokens ``(N/4, D_llm)``, in the order of ``grid_thw``."""
         features = self.vision(pixel_values.to(self.vision.embeddings.patch_embedding.weight.dtype), grid_thw)
         return self.projector(features, grid_thw)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            # Precomputed vision tokens belong to the prompt, like pixel values: only the prefill merges them.
+            inputs.pop("image_embeds", None)
+            inputs.pop("video_embeds", None)
+        return inputs
 
     def _merge_vision(self, input_ids, inputs_embeds, token_id, embeds, kind):
         slots = input_ids == token_id  # (B, T)

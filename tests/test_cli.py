@@ -128,3 +128,11 @@ def test_frames_json_contract(sample_video, tmp_path):
 def test_frames_bad_input_exits_2(bad_inputs):
     r = run_keye("frames", str(bad_inputs["audio_only"]))
     assert r.returncode == 2 and "audio_only.m4a" in r.stderr
+
+
+@pytest.mark.slow
+def test_frames_dyntok_reports_fewer_tokens(sample_video):
+    r = run_keye("frames", str(sample_video), "--json", "--compress", "dyntok")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["compress"] == "dyntok" and 0 < report["tokens_after_compression"] < report["total_tokens"]
