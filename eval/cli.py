@@ -35,19 +35,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, help="only the first N questions")
     parser.add_argument(
-        "--fps", type=float, default=_DEFAULTS.fps, help=f"frames per second (default {_DEFAULTS.fps})"
+        "--fps", type=float, help="frames per second (default: the model's processor setting)"
     )
     parser.add_argument(
         "--max-frames",
         type=int,
-        default=_DEFAULTS.max_frames,
-        help=f"frame cap (default {_DEFAULTS.max_frames})",
+        help="frame cap (default: the model's processor setting)",
     )
     parser.add_argument(
         "--token-budget",
         type=int,
-        default=_DEFAULTS.token_budget,
-        help=f"vision tokens per video (default {_DEFAULTS.token_budget})",
+        help="vision tokens per video (default: the model's processor setting)",
     )
     parser.add_argument(
         "--compress", choices=COMPRESS, default=_DEFAULTS.compress, help="vision token compression"

@@ -47,9 +47,9 @@ class KeyePredictor:
         self,
         video_path: str,
         *,
-        fps: float,
-        max_frames: int,
-        token_budget: int,
+        fps: float | None,
+        max_frames: int | None,
+        token_budget: int | None,
         compress: str,
         subtitles: list[Subtitle] | None = None,
     ) -> PreparedVideo:

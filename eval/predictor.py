@@ -41,6 +41,7 @@ class Predictor(Protocol):
       ``None``. The harness itself already puts the official subtitle text (the lines at the sampled frames) in the
       prompt, so a predictor must not add it again; it may use the track for other purposes (logging, an
       interleaved variant behind its own option).
+    - ``fps``, ``max_frames``, ``token_budget``: None means the model's own defaults.
     - `answer` generates greedily from the prepared video and ``prompt`` (the user turn's text; the predictor places
       the video before it, applies the chat template and switches reasoning on or off with ``think``). It may raise
       `KeyeInputError` (e.g. `ContextLengthError`) for that one question.
@@ -54,9 +55,9 @@ class Predictor(Protocol):
         self,
         video_path: str,
         *,
-        fps: float,
-        max_frames: int,
-        token_budget: int,
+        fps: float | None,
+        max_frames: int | None,
+        token_budget: int | None,
         compress: str,
         subtitles: list[Subtitle] | None,
     ) -> Any: ...

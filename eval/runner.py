@@ -46,16 +46,19 @@ COMPRESS = ("none", "dyntok", "clapper")
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How the model sees each video and answers (video defaults: `keye.processing`'s).
+    """How the model sees each video and answers.
+
+    ``fps``, ``max_frames`` and ``token_budget`` ``None`` use the model's own processor settings (keye-tiny's are
+    small; Keye-VL-1.5's are 2 fps, 1365 frames, 65536 tokens).
 
     ``max_new_tokens`` ``None`` means 16 for a multiple-choice answer (as lmms-eval) and 512 for a generation
     answer, plus 2048 with ``think``. ``reuse_video=False`` prepares the video again for every question: an ablation
     that measures what encoding once saves, never the way to score.
     """
 
-    fps: float = 2.0
-    max_frames: int = 1365
-    token_budget: int = 65536
+    fps: float | None = None
+    max_frames: int | None = None
+    token_budget: int | None = None
     compress: str = "none"
     think: bool = False
     max_new_tokens: int | None = None
@@ -64,7 +67,7 @@ class EvalSettings:
     def __post_init__(self):
         if self.compress not in COMPRESS:
             raise ValueError(f"compress must be one of {COMPRESS}, got {self.compress!r}")
-        if self.fps <= 0 or self.max_frames < 1 or self.token_budget < 1:
+        if any(v is not None and v <= 0 for v in (self.fps, self.max_frames, self.token_budget)):
             raise ValueError(f"fps, max_frames and token_budget must be positive: {self}")
 
     def new_tokens(self, kind: str) -> int:

@@ -104,15 +104,15 @@ class ScriptedPredictor:
         self,
         video_path: str,
         *,
-        fps: float,
-        max_frames: int,
-        token_budget: int,
+        fps: float | None,
+        max_frames: int | None,
+        token_budget: int | None,
         compress: str,
         subtitles: list[Subtitle] | None,
     ) -> _Prepared:
         self.prepare_calls[Path(video_path).name] += 1
         duration = probe_video(video_path)
-        n = max(1, min(max_frames, int(duration * fps)))
+        n = max(1, min(max_frames or 1365, int(duration * (fps or 2.0))))
         return _Prepared(video_path, duration, [i * duration / n for i in range(n)], subtitles)
 
     def answer(self, prepared: _Prepared, prompt: str, *, max_new_tokens: int, think: bool) -> Prediction:
