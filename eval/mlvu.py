@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from keye.errors import KeyeInputError
-from keye.eval.extract import option_letters
 from keye.eval.task import GENERATION, MC, Question, Task, accuracy, accuracy_by, register_task
+from keye.extract import option_letters
 
 __all__ = ["MLVU", "Judge", "MC_TASKS", "GENERATION_TASKS", "mlvu_prompt", "read_mlvu"]
 

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from keye.errors import KeyeInputError
-from keye.eval.extract import extract_choice
 from keye.eval.predictor import Predictor
 from keye.eval.task import GENERATION, MC, RECORD_KEYS, Question, Task
+from keye.extract import extract_choice
 
 __all__ = ["COMPRESS", "EvalSettings", "run", "read_samples"]
 

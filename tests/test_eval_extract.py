@@ -2,7 +2,7 @@
 
 import pytest
 
-from keye.eval.extract import extract_choice, option_letters, strip_thinking
+from keye.extract import extract_choice, option_letters, strip_thinking
 
 OPTIONS = ["A. red", "B. blue", "C. dark red", "D. green"]
 
