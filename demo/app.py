@@ -31,6 +31,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from keye.chat import ChatSession
+from keye.compression import COMPRESSIONS, compress_inputs
 from keye.errors import KeyeInputError
 from keye.processing import KeyeProcessor, VideoInput
 
@@ -40,7 +41,10 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 THINK_CHOICES = [("model default", "auto"), ("think (/think)", "on"), ("answer directly (/no_think)", "off")]
 THINK_VALUES = {"auto": None, "on": True, "off": False}
+COMPRESSION_LABELS = {"none": "none", "dyntok": "DynTok", "clapper": "Clapper"}
 EXAMPLE_PROMPT = "What happens in this video?"
+PENDING_NOTE = "  \n*Goes with your next question.*"
+SENT_NOTE = "  \n*In the conversation: follow-up questions reuse it without encoding it again.*"
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Media:
     path: str
     name: str
     video: VideoInput | None = None  # planned frames; handed to the session as is, so it is decoded once
+    summary: str = ""  # its token count, as shown
 
 
 @dataclass
@@ -211,15 +216,16 @@ def video_summary(video: VideoInput, name: str) -> str:
 
 
 def speed_summary(ttft: float | None, seconds: float, reply, stopped: bool) -> str:
-    """Time to first token and decoding speed of one reply (tokens after the first / time after the first)."""
-    if ttft is None or reply is None:
-        return "no tokens generated"
-    rate = (reply.num_tokens - 1) / (seconds - ttft) if reply.num_tokens > 1 and seconds > ttft else 0.0
-    note = " · stopped" if stopped else ""
-    return (
-        f"first token after **{ttft:.2f} s** · **{rate:.1f} tokens/s** · {reply.num_tokens} new tokens · "
-        f"prompt {reply.prompt_tokens} tokens{note}"
+    """Time to first token and decoding speed of one reply (tokens after the first / time after the first).
+
+    ``ttft`` is None when no text appeared (the model ended at once, or produced only special tokens)."""
+    counts = f"{reply.num_tokens} new tokens · prompt {reply.prompt_tokens} tokens" + (
+        " · stopped" if stopped else ""
     )
+    if ttft is None:
+        return f"no text generated · {counts}"
+    rate = (reply.num_tokens - 1) / (seconds - ttft) if reply.num_tokens > 1 and seconds > ttft else 0.0
+    return f"first token after **{ttft:.2f} s** · **{rate:.1f} tokens/s** · {counts}"
 
 
 def tools_status() -> tuple[bool, str]:
@@ -260,8 +266,13 @@ class DemoApp:
     def _overrides(self, fps: float, max_frames: float, token_budget: float) -> dict:
         return {"fps": float(fps), "max_frames": int(max_frames), "token_budget": int(token_budget)}
 
-    def check_media(self, path: str, overrides: dict) -> tuple[Media, Image.Image, str]:
-        """Check one file against the limits and plan it. Raises `KeyeInputError` with a readable reason."""
+    def check_media(
+        self, path: str, overrides: dict, compress: str = "none"
+    ) -> tuple[Media, Image.Image, str]:
+        """Check one file against the limits and plan it. Raises `KeyeInputError` with a readable reason.
+
+        With a compression, a video's token count after it is measured as `ChatSession` will apply it (DynTok runs
+        the vision tower once for this; the session encodes the frames again when the question is sent)."""
         from keye.encoders.filmstrip import filmstrip
         from keye.encoders.video import probe
 
@@ -283,15 +294,15 @@ class DemoApp:
 
             image = load_image(path)  # ImageLoadError names the file
             _, grid = self.processor.preprocess_image(image)
-            merge = self.processor.settings.merge_size
+            patch, merge = self.processor.settings.patch_size, self.processor.settings.merge_size
             tokens = grid[1] * grid[2] // merge**2
             summary = (
-                f"**{name}**: image {image.width}x{image.height} → {grid[2] * 14}x{grid[1] * 14} pixels, "
-                f"**{tokens} vision tokens**"
+                f"**{name}**: image {image.width}x{image.height} → {grid[2] * patch}x{grid[1] * patch} "
+                f"pixels, **{tokens} vision tokens**"
             )
             thumb = image.copy()
             thumb.thumbnail((384, 384))
-            return Media("image", path, name), thumb, summary
+            return Media("image", path, name, summary=summary), thumb, summary
         duration = probe(path).duration  # VideoDecodeError for a corrupt file or one without a video stream
         if duration > self.limits.max_duration_s:
             raise KeyeInputError(
@@ -299,43 +310,52 @@ class DemoApp:
                 f"{duration:.0f} s long; this demo accepts videos up to {self.limits.max_duration_s:g} s",
             )
         video = self.processor.load_video(path, **overrides)
+        if compress != "none":
+            inputs = self.processor([{"role": "user", "content": [{"type": "video", "video": video}]}])
+            video.plan.compress = compress
+            video.plan.tokens_after_compression = compress_inputs(self.model, inputs, compress)[1]
+        summary = video_summary(video, name)
         return (
-            Media("video", path, name, video),
+            Media("video", path, name, video, summary),
             filmstrip(video.plan, video.frames, per_row=4),
-            video_summary(video, name),
+            summary,
         )
 
-    def on_media(self, path: str | None, st: DemoState | None, fps, max_frames, token_budget):
+    def on_media(self, path: str | None, st: DemoState | None, fps, max_frames, token_budget, compress):
         """A file was uploaded (or set): check and plan it, or say in the chat why it cannot be used (and drop it).
 
-        Returns ``(file box, state, chatbot, film strip, token count)``."""
+        Returns ``(file box, state, chatbot, film strip, token count)``. A dropped file clears the film strip only
+        when it showed the dropped file, not a video already in the conversation."""
         st = st or DemoState()
+        dropped = gr.skip() if st.pending is None else None
+        st.pending = None
         if not path:
-            st.pending = None
-            return None, st, st.history, None, ""
+            return None, st, st.history, dropped, dropped
         try:
-            media, strip, summary = self.check_media(path, self._overrides(fps, max_frames, token_budget))
+            media, strip, summary = self.check_media(
+                path, self._overrides(fps, max_frames, token_budget), compress
+            )
         except KeyeInputError as e:
-            st.pending = None
             st.history.append(error_message(e))
-            return None, st, st.history, None, ""
+            return None, st, st.history, dropped, dropped
         st.pending = media
-        return gr.skip(), st, st.history, strip, summary + "  \n*Sent with your next question.*"
+        return gr.skip(), st, st.history, strip, summary + PENDING_NOTE
 
-    def on_settings(self, st: DemoState | None, fps, max_frames, token_budget):
-        """fps / frames / budget changed: re-plan the video waiting to be sent, so its token count is current."""
+    def on_settings(self, st: DemoState | None, fps, max_frames, token_budget, compress):
+        """fps / frames / budget / compression changed: re-plan the video waiting to be sent, so its token count
+        is current."""
         if st is None or st.pending is None or st.pending.kind != "video":
             return st, gr.skip(), gr.skip()
         try:
             media, strip, summary = self.check_media(
-                st.pending.path, self._overrides(fps, max_frames, token_budget)
+                st.pending.path, self._overrides(fps, max_frames, token_budget), compress
             )
         except KeyeInputError as e:  # e.g. a budget too small for one frame: keep the previous plan
             return st, gr.skip(), f"⚠ {e.message}; the previous plan is kept."
         st.pending = media
-        return st, strip, summary + "  \n*Sent with your next question.*"
+        return st, strip, summary + PENDING_NOTE
 
-    def on_example(self, st: DemoState | None, fps, max_frames, token_budget):
+    def on_example(self, st: DemoState | None, fps, max_frames, token_budget, compress):
         """Generate a new synthetic clip with known content and put it up as if it had been uploaded."""
         from keye.synthetic import make_demo_video
 
@@ -345,46 +365,52 @@ class DemoApp:
             self._example_count += 1
         path = self.work_dir / "examples" / f"example-{seed}.mp4"
         sample = make_demo_video(path, seed=seed, duration=6.0, size=(180, 320), fps=12)
-        _, st, history, strip, summary = self.on_media(str(path), st, fps, max_frames, token_budget)
+        _, st, history, strip, summary = self.on_media(str(path), st, fps, max_frames, token_budget, compress)
         question = sample.questions[0].question if sample.questions else EXAMPLE_PROMPT
         summary += f"  \nWhat the clip shows: *{sample.caption}*"
         return str(path), st, history, strip, summary, question
 
     # ---------------------------------------------------------------- chat
     def respond(
-        self, message: str, st: DemoState | None, think: str, tools: bool, max_new_tokens
+        self, message: str, st: DemoState | None, think: str, tools: bool, compress: str, max_new_tokens
     ) -> Iterator[tuple]:
         """Stream the answer to ``message`` (with the pending media, if any) into the chat.
 
-        Yields ``(chatbot messages, prompt box, state, speed line)``."""
+        Yields ``(chatbot messages, prompt box, state, speed line, file box, token count)``; once its file goes
+        into the conversation the file box is emptied, ready for the next upload."""
         st = st or DemoState()
         text = (message or "").strip()
         if not text:
-            yield st.history, message, st, gr.skip()
+            yield st.history, message, st, gr.skip(), gr.skip(), gr.skip()
             return
         if not st.busy.acquire(blocking=False):
             st.history.append(error_message("Still answering the previous question; press Stop first."))
-            yield st.history, message, st, gr.skip()
+            yield st.history, message, st, gr.skip(), gr.skip(), gr.skip()
             return
         try:
             media = st.pending
             shown = f"*[{media.name}]*\n\n{text}" if media else text
             st.history.append({"role": "user", "content": shown})
             st.stop.clear()
-            yield st.history, "", st, "…"
+            if media:
+                yield st.history, "", st, "…", None, media.summary + SENT_NOTE
+            else:
+                yield st.history, "", st, "…", gr.skip(), gr.skip()
             turn = self._tool_turn if tools and tools_status()[0] else self._chat_turn
-            yield from turn(text, st, THINK_VALUES[think], int(max_new_tokens))
+            for out in turn(text, st, THINK_VALUES[think], compress, int(max_new_tokens)):
+                yield *out, gr.skip(), gr.skip()
         finally:
             st.busy.release()
 
     def _chat_turn(
-        self, text: str, st: DemoState, think: bool | None, max_new_tokens: int
+        self, text: str, st: DemoState, think: bool | None, compress: str, max_new_tokens: int
     ) -> Iterator[tuple]:
         """One turn of the conversation's `ChatSession`, streamed token by token."""
         media = st.pending
         if st.session is None:
             st.session = ChatSession(self.model, self.processor)
-        st.session.think = think
+        st.session.think = think  # both apply from this turn on; earlier turns stay in the cache as they were
+        st.session.compress = compress
         videos = [media.video] if media and media.kind == "video" else []
         images = [media.path] if media and media.kind == "image" else []
         base = list(st.history)
@@ -432,7 +458,7 @@ class DemoApp:
         yield st.history, "", st, speed_summary(first, seconds, reply, st.stop.is_set())
 
     def _tool_turn(
-        self, text: str, st: DemoState, think: bool | None, max_new_tokens: int
+        self, text: str, st: DemoState, think: bool | None, compress: str, max_new_tokens: int
     ) -> Iterator[tuple]:
         """One question through the Thyme loop (`keye.tools.loop.run_tool_loop`), shown round by round.
 
@@ -495,7 +521,11 @@ class DemoApp:
             ]
         else:
             trace = outcome["trace"]
-            st.history = [*base, *shown, {"role": "assistant", "content": trace.answer or "*(no answer)*"}]
+            answer = trace.answer
+            if answer is None:  # show what the model said last, and that it never answered in the format
+                last = trace.rounds[-1].text.strip() if trace.rounds else ""
+                answer = f"{last}\n\n*(no `<answer>` given; the loop stopped: {trace.stopped})*"
+            st.history = [*base, *shown, {"role": "assistant", "content": answer}]
         stats = (
             f"{n_rounds} model turns in **{seconds:.1f} s** · {session.new_tokens} new tokens "
             "(the tool loop shows whole turns, not single tokens)"
@@ -514,7 +544,9 @@ class DemoApp:
         return DemoState(), [], None, "", "", None, ""
 
 
+# The film strip's label and buttons float over the picture: keep its first row of frames clear of them.
 CSS = """
+#filmstrip .image-container { padding-top: 2.4em; }
 #filmstrip img { object-fit: contain; }
 #tokens, #stats { font-size: 0.9em; }
 """
@@ -538,7 +570,12 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(
-                    elem_id="chat", height=480, label="Chat", buttons=["copy"], feedback_options=None
+                    elem_id="chat",
+                    height=480,
+                    label="Chat",
+                    buttons=["copy"],
+                    feedback_options=None,
+                    group_consecutive_messages=False,  # an error stays a bubble of its own
                 )
                 with gr.Row():
                     prompt = gr.Textbox(
@@ -591,25 +628,24 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
                         step=64,
                         label="Vision token budget per video",
                     )
-                    gr.Radio(
-                        ["none", "DynTok", "Clapper"],
+                    compress = gr.Radio(
+                        [(COMPRESSION_LABELS.get(c, c), c) for c in COMPRESSIONS],
                         value="none",
-                        label="Token compression",
-                        interactive=False,
+                        label="Token compression (of video frames)",
                         elem_id="compress",
-                        info="DynTok and Clapper are in keye.encoders but not yet wired into chat.",
+                        info=None if "clapper" in COMPRESSIONS else "Clapper is not wired into chat yet.",
                     )
                     max_new = gr.Slider(
                         1, limits.max_new_tokens, value=min(256, limits.max_new_tokens), step=1,
-                        label="Max new tokens",
+                        label="Max new tokens", elem_id="max-new",
                     )  # fmt: skip
 
-        plan_inputs = [fps, max_frames, budget]
+        plan_inputs = [fps, max_frames, budget, compress]
         media_outputs = [media, state, chatbot, strip, tokens]
         media.upload(demo.on_media, [media, state, *plan_inputs], media_outputs, api_name="load_media")
         media.clear(demo.on_media, [media, state, *plan_inputs], media_outputs, api_name=False)
-        for slider in plan_inputs:
-            slider.change(
+        for control in plan_inputs:
+            control.change(
                 demo.on_settings,
                 [state, *plan_inputs],
                 [state, strip, tokens],
@@ -624,21 +660,18 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
         )
         chat_args = dict(
             fn=demo.respond,
-            inputs=[prompt, state, think, tools, max_new],
-            outputs=[chatbot, prompt, state, stats],
+            inputs=[prompt, state, think, tools, compress, max_new],
+            outputs=[chatbot, prompt, state, stats, media, tokens],
             concurrency_id="generate",
         )
         send.click(**chat_args, api_name="chat")
         prompt.submit(**chat_args, api_name=False)
         # Stop and Clear must not wait behind the generation they interrupt: no concurrency limit.
         stop.click(demo.on_stop, [state], None, api_name="stop", concurrency_limit=None)
-        clear.click(
-            demo.on_clear,
-            [state],
-            [state, chatbot, strip, tokens, stats, media, prompt],
-            api_name="clear",
-            concurrency_limit=None,
-        )
+        clear_outputs = [state, chatbot, strip, tokens, stats, media, prompt]
+        clear.click(demo.on_clear, [state], clear_outputs, api_name="clear", concurrency_limit=None)
+        # The chat's own bin icon clears the display; forget the conversation with it.
+        chatbot.clear(demo.on_clear, [state], clear_outputs, api_name=False, concurrency_limit=None)
     return app
 
 

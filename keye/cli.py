@@ -270,11 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=_convert)
 
+    from keye.demo.cli import add_parser as add_demo
     from keye.eval.cli import add_parser as add_eval
     from keye.tools.cli import add_parser as add_tools
 
     add_tools(sub)
     add_eval(sub)
+    add_demo(sub)
     return parser
 
 

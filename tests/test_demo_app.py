@@ -6,11 +6,15 @@ The same handlers behind a running server and a real browser: tests/test_demo_br
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+os.environ.setdefault(
+    "GRADIO_ANALYTICS_ENABLED", "False"
+)  # the demo never phones home (set before the import)
 pytest.importorskip("gradio")
 
 import gradio as gr  # noqa: E402
@@ -26,7 +30,7 @@ from keye.demo.app import (  # noqa: E402
 )
 from keye.demo.cli import add_parser  # noqa: E402
 
-PLAN = (2.0, 16, 1024)  # fps, max frames, token budget: keye-tiny's defaults
+PLAN = (2.0, 16, 1024, "none")  # fps, max frames, token budget (keye-tiny's defaults), compression
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +47,9 @@ def corrupt_video(media_dir, sample_video):
 
 
 def drain(gen):
-    """Run a handler generator to the end; return its last output and how many outputs it gave."""
+    """Run `DemoApp.respond` to the end; return its last output and how many outputs it gave."""
     outputs = list(gen)
-    return outputs[-1], len(outputs)
+    return outputs[-1][:4], len(outputs)  # chatbot, prompt box, state, speed line
 
 
 # ------------------------------------------------------------------------------------------------ display
@@ -121,6 +125,14 @@ def test_cli_parser_flags():
 
 
 # ------------------------------------------------------------------------------------------------ media
+def test_a_bad_file_replaces_a_waiting_one(demo, sample_video, corrupt_video):
+    _, st, _, strip, _ = demo.on_media(str(sample_video), None, *PLAN)
+    assert st.pending is not None and strip is not None
+    box, st, history, strip, summary = demo.on_media(str(corrupt_video), st, *PLAN)
+    assert st.pending is None and box is None and strip is None and summary is None
+    assert "corrupt.mp4" in history[-1]["content"]
+
+
 def test_video_upload_plans_frames_and_counts_tokens(demo, sample_video, keye_tiny):
     _, processor = keye_tiny
     box, st, history, strip, summary = demo.on_media(str(sample_video), None, *PLAN)
@@ -130,11 +142,11 @@ def test_video_upload_plans_frames_and_counts_tokens(demo, sample_video, keye_ti
     assert f"{len(plan['frames'])} frames" in summary
     assert isinstance(strip, Image.Image) and history == []
     # A smaller budget re-plans the waiting video: fewer tokens.
-    st, strip, summary = demo.on_settings(st, 2.0, 16, 64)
+    st, strip, summary = demo.on_settings(st, 2.0, 16, 64, "none")
     assert st.pending.video.plan.total_tokens <= 64 < plan["total_tokens"]
     assert f"**{st.pending.video.plan.total_tokens} vision tokens**" in summary
     # One too small for a single frame keeps the previous plan and says why.
-    st, _, summary = demo.on_settings(st, 2.0, 16, 1)
+    st, _, summary = demo.on_settings(st, 2.0, 16, 1, "none")
     assert summary.startswith("⚠") and "token_budget 1 cannot hold one frame" in summary
     assert st.pending.video.plan.total_tokens <= 64
 
@@ -162,7 +174,8 @@ def test_bad_files_become_a_readable_chat_message(
     else:
         path.write_bytes(content)
     box, st, history, strip, summary = app.on_media(str(path), DemoState(), *PLAN)
-    assert box is None and strip is None and st.pending is None  # the file is dropped
+    assert box is None and st.pending is None  # the file is dropped
+    assert strip == summary == gr.skip()  # nothing was waiting: the strip of the conversation's video stays
     (message,) = history
     assert message["role"] == "assistant"
     assert message["content"].startswith(f"⚠ **{name}**: ") and reason in message["content"]
@@ -176,19 +189,21 @@ def test_two_turns_stream_and_encode_the_video_once(demo, sample_video, keye_tin
     original = model.vision.forward
     monkeypatch.setattr(model.vision, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     _, st, *_ = demo.on_media(str(sample_video), None, *PLAN)
-    outputs = list(demo.respond("What is in the video?", st, "auto", False, 12))
+    outputs = list(demo.respond("What happens in this video?", st, "auto", False, "none", 12))
     assert len(outputs) >= 3  # the user turn, then the answer growing piece by piece
-    history, prompt_box, st, stats = outputs[-1]
+    assert outputs[0][4] is None  # the file box empties: the file is in the conversation now
+    assert outputs[0][5].startswith("**sample.mp4**") and "In the conversation" in outputs[0][5]
+    history, prompt_box, st, stats = outputs[-1][:4]
     assert prompt_box == "" and history[0] == {
         "role": "user",
-        "content": "*[sample.mp4]*\n\nWhat is in the video?",
+        "content": "*[sample.mp4]*\n\nWhat happens in this video?",
     }
     assert history[1]["role"] == "assistant" and history[1]["content"] == st.session.last_reply.text
     assert f"{st.session.last_reply.num_tokens} new tokens" in stats and "tokens/s" in stats
     assert st.pending is None and [m.name for m in st.sent] == ["sample.mp4"]
     first_prompt = st.session.last_reply.prompt_tokens
 
-    (history, _, st, stats), _ = drain(demo.respond("And then?", st, "off", False, 8))
+    (history, _, st, stats), _ = drain(demo.respond("And then?", st, "off", False, "none", 8))
     assert len(calls) == 1  # the follow-up reused the cached video
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert history[2]["content"] == "And then?"
@@ -196,22 +211,34 @@ def test_two_turns_stream_and_encode_the_video_once(demo, sample_video, keye_tin
     assert st.session.think is False
 
 
+def test_dyntok_counts_and_sends_fewer_tokens(demo, sample_video):
+    _, plain, *_ = demo.on_media(str(sample_video), None, *PLAN)
+    _, st, _, _, summary = demo.on_media(str(sample_video), None, 2.0, 16, 1024, "dyntok")
+    plan = st.pending.video.plan
+    assert plan.compress == "dyntok" and plan.tokens_after_compression < plan.total_tokens
+    assert f"compression dyntok: {plan.tokens_after_compression} tokens" in summary
+    drain(demo.respond("What happens in this video?", plain, "auto", False, "none", 1))
+    drain(demo.respond("What happens in this video?", st, "auto", False, "dyntok", 1))
+    saved = plain.session.last_reply.prompt_tokens - st.session.last_reply.prompt_tokens
+    assert saved == plan.total_tokens - plan.tokens_after_compression  # the count shown is what the model got
+
+
 def test_stop_ends_the_answer_and_the_conversation_goes_on(demo):
     st = DemoState()
-    gen = demo.respond("Write a long story about a robot.", st, "auto", False, 200)
+    gen = demo.respond("Write a long story about a robot.", st, "auto", False, "none", 200)
     next(gen)  # the user turn is shown
     next(gen)  # the first piece of the answer
     demo.on_stop(st)
     (history, _, st, stats), _ = drain(gen)
     assert st.session.last_reply.num_tokens < 50 and "stopped" in stats
-    (history, _, st, stats), _ = drain(demo.respond("Thanks.", st, "auto", False, 4))
+    (history, _, st, stats), _ = drain(demo.respond("Thanks.", st, "auto", False, "none", 4))
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert "stopped" not in stats  # the next turn starts with the flag cleared
 
 
 def test_clear_forgets_everything(demo, sample_video):
     _, st, *_ = demo.on_media(str(sample_video), None, *PLAN)
-    drain(demo.respond("Hi", st, "auto", False, 2))
+    drain(demo.respond("Hi", st, "auto", False, "none", 2))
     new_state, history, strip, tokens, stats, box, prompt = demo.on_clear(st)
     assert st.stop.is_set() and new_state.session is None and new_state.pending is None
     assert (history, strip, tokens, stats, box, prompt) == ([], None, "", "", None, "")
@@ -245,7 +272,7 @@ def test_tool_mode_shows_each_round(demo, tmp_path, monkeypatch):
     image = tmp_path / "in.png"
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(image)
     _, st, *_ = demo.on_media(str(image), None, *PLAN)
-    (history, _, st, stats), n = drain(demo.respond("How big is it?", st, "auto", True, 64))
+    (history, _, st, stats), n = drain(demo.respond("How big is it?", st, "auto", True, "none", 64))
     titles = [m.get("metadata", {}).get("title") for m in history]
     assert titles[:5] == [
         None,

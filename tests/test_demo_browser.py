@@ -37,7 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-QUESTION = "What is in the video?"
+QUESTION = "What happens in this video?"
 
 
 def _free_port() -> int:
@@ -104,28 +104,32 @@ def test_api_through_gradio_client(demo_url, clips):
     assert {"/load_media", "/example", "/chat", "/stop", "/clear"} <= set(
         client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     )
-    _, history, strip, tokens = client.predict(handle_file(str(video)), api_name="/load_media")
+    _, history, strip, tokens = client.predict(
+        handle_file(str(video)), 2.0, 16, 1024, "none", api_name="/load_media"
+    )
     total = int(re.search(r"\*\*(\d+) vision tokens\*\*", tokens).group(1))
     assert history == [] and Path(strip).is_file() and total > 0
 
-    job = client.submit(QUESTION, "auto", False, 16, api_name="/chat")
+    job = client.submit(QUESTION, "auto", False, "none", 16, api_name="/chat")
     outputs = list(job)
-    history, prompt_box, stats = outputs[-1]
+    history, prompt_box, stats = outputs[-1][:3]
     answers = [o[0][-1]["content"][0]["text"] for o in outputs if o[0] and o[0][-1]["role"] == "assistant"]
     assert len(answers) >= 2 and answers[-1].startswith(answers[0])  # streamed: the answer grew
     assert history[0]["content"][0]["text"] == f"*[{video.name}]*\n\n{QUESTION}"
     first = re.search(r"(\d+) new tokens · prompt (\d+) tokens", stats)
     assert first and int(first.group(2)) > total  # the prompt holds the video's tokens
 
-    history, _, stats = client.predict("And then?", "off", False, 8, api_name="/chat")
+    history, _, stats, *_ = client.predict("And then?", "off", False, "none", 8, api_name="/chat")
     second = re.search(r"(\d+) new tokens · prompt (\d+) tokens", stats)
-    assert int(second.group(2)) > int(first.group(2)) + int(first.group(1))  # the same conversation goes on
+    assert int(second.group(2)) > int(first.group(2)) + int(first.group(1)), stats  # the conversation goes on
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
 
-    box, history, strip, tokens = client.predict(handle_file(str(corrupt)), api_name="/load_media")
+    box, history, strip, tokens = client.predict(
+        handle_file(str(corrupt)), 2.0, 16, 1024, "none", api_name="/load_media"
+    )
     error = history[-1]["content"][0]["text"]
     assert error.startswith("⚠ **corrupt.mp4**: cannot open as a video") and "Traceback" not in error
-    assert box is None and strip is None and tokens == ""  # the bad file is dropped
+    assert box is None  # the bad file is dropped
 
 
 def _chromium() -> str | None:
@@ -146,7 +150,7 @@ TIMING_JS = """
     const b = bots();
     if (t.first === null && b.length > t.bots && b[b.length - 1].innerText.trim()) t.first = performance.now();
     const stats = document.querySelector('#stats');
-    if (t.first !== null && t.done === null && /tokens\\/s/.test(stats.innerText)) t.done = performance.now();
+    if (t.first !== null && t.done === null && /new tokens/.test(stats.innerText)) t.done = performance.now();
   }).observe(document.body, {subtree: true, childList: true, characterData: true});
 }
 """
@@ -167,6 +171,33 @@ def _ask(page, text: str) -> dict:
         "tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None,
         "server_stats": stats,
     }
+
+
+def test_queue_runs_one_generation_at_a_time(demo_url):
+    """Two users at once: with ``--concurrency 1`` (the default) the second answer starts after the first ends."""
+    import threading
+
+    from gradio_client import Client
+
+    times: dict[str, list[float]] = {"a": [], "b": []}
+
+    def ask(name: str) -> None:
+        job = Client(demo_url, verbose=False).submit(
+            "Count to twenty.", "auto", False, "none", 24, api_name="/chat"
+        )
+        for _ in job:
+            times[name].append(time.monotonic())
+
+    a = threading.Thread(target=ask, args=("a",))
+    a.start()
+    while not times["a"]:  # a is being answered
+        time.sleep(0.02)
+    b = threading.Thread(target=ask, args=("b",))
+    b.start()
+    a.join(120)
+    b.join(120)
+    assert len(times["a"]) >= 2 and len(times["b"]) >= 2
+    assert times["b"][0] > times["a"][-1] - 0.2  # b waited in the queue until a had finished
 
 
 def _missing(message: str) -> None:
@@ -201,15 +232,21 @@ def test_browser_upload_ask_stream_and_bad_file(demo_url, clips, capsys):
             page.goto(demo_url)
             page.wait_for_selector("#prompt textarea")
             page.evaluate(TIMING_JS)
-            # Controls that cannot work yet are shown, and disabled.
-            assert page.locator("#compress input").first.is_disabled()
-
+            page.locator("#max-new input[type=number]").fill("24")  # keep the test short
+            page.locator("#max-new input[type=number]").press("Enter")
             page.locator("#media input[type=file]").set_input_files(str(video))
             page.wait_for_selector("#filmstrip img", timeout=30_000)
             tokens = page.locator("#tokens").inner_text()
             assert re.search(r"\d+ frames \(\d+ slow, \d+ fast\) → \d+ vision tokens", tokens), tokens
             strip = page.locator("#filmstrip img").evaluate("img => [img.naturalWidth, img.naturalHeight]")
             assert min(strip) > 50  # the strip's picture loaded
+            # DynTok: the waiting video is re-planned and its count after compression shown.
+            page.locator("#compress label", has_text="DynTok").click()
+            page.locator("#tokens", has_text="compression dyntok").wait_for(timeout=30_000)
+            counts = re.search(
+                r"(\d+) vision tokens.*compression dyntok: (\d+) tokens", page.locator("#tokens").inner_text()
+            )
+            assert int(counts.group(2)) < int(counts.group(1)), counts.group(0)
 
             first = _ask(page, QUESTION)
             answer = page.locator('#chat [data-testid="bot"]').last.inner_text().strip()
@@ -230,6 +267,11 @@ def test_browser_upload_ask_stream_and_bad_file(demo_url, clips, capsys):
 
             page.locator("#clear").click()
             page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"bot\"]').length === 0")
+            # A generated example arrives planned, with a question about it.
+            page.locator("#example").click()
+            page.locator("#tokens", has_text="What the clip shows").wait_for(timeout=30_000)
+            assert page.locator("#prompt textarea").input_value().endswith("?")
+            assert re.search(r"example-\d+\s*\.mp4", page.locator("#media").inner_text())
         finally:
             browser.close()
 
