@@ -67,3 +67,28 @@ def test_repairs_are_applied_and_reported(image, tmp_path):
     assert result.ok, result.error
     assert result.stdout.strip() == "(40, 60, 3)"
     assert result.repairs  # missing imports and the wrong path variable were fixed
+
+
+def test_trace_as_sft_conversation_trains_model_turns_only(image, tmp_path, keye_tiny):
+    _, processor = keye_tiny
+    answer = "<think>it is 60x40</think><answer>60x40</answer>"
+    trace = run_tool_loop(
+        ScriptedSession([CROP, answer]), "How big is it?", [image], out_dir=tmp_path / "out"
+    )
+    msgs = trace.to_messages([image])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    inputs = processor(msgs, add_generation_prompt=False, return_labels=True)
+    trained = inputs["input_ids"][0][inputs["labels"][0] != -100]
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    expected = (
+        tok(CROP, add_special_tokens=False)["input_ids"]
+        + [end]
+        + tok(answer, add_special_tokens=False)["input_ids"]
+    )
+    assert trained.tolist() == expected + [end]  # exactly the two model turns, nothing of the sandbox's
+    text = processor.decode(trained, skip_special_tokens=False)
+    assert "sandbox_output" not in text and "(60, 40)" not in text
+    assert (
+        int((inputs["input_ids"] == processor.token_ids["image_pad"]).sum()) > 0
+    )  # the crop is an image input

@@ -43,6 +43,19 @@ class ToolTrace:
     answer: str | None = None
     stopped: str = ""  # "answer" | "max_rounds" | "no_action"
 
+    def to_messages(self, images: list[str | Path]) -> list[dict]:
+        """The trace as a tool-use SFT conversation (the manifest's ``messages``): model turns are ``assistant``,
+        sandbox outputs ``user`` turns with their images, so the loss falls on the model's own turns only."""
+        msgs = [{"role": "user", "content": [*({"type": "image", "image": str(p)} for p in images),
+                                             {"type": "text", "text": self.question}]}]  # fmt: skip
+        for rnd in self.rounds:
+            msgs.append({"role": "assistant", "content": rnd.text})
+            if rnd.result is not None:
+                msgs.append({"role": "user", "content": _sandbox_reply(rnd.result)})
+            elif rnd is not self.rounds[-1]:
+                msgs.append({"role": "user", "content": FINAL_ANSWER_PROMPT})
+        return msgs
+
     def to_dict(self) -> dict:
         return {
             "question": self.question,
