@@ -39,6 +39,13 @@ test-fast: setup
 bench: setup
 	$(PY) -m bench
 
+# The reference implementations the benchmarks compare against, in their own environment (about 5.6 GB: they need
+# torchvision, which only torch 2.14.1 matches here). bench_encoders uses it when present.
+bench-baselines:
+	test -x .venv-baselines/bin/python || $(PYTHON) -m venv .venv-baselines
+	.venv-baselines/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv-baselines/bin/pip install -q keye-vl-utils==1.5.2 qwen-vl-utils decord av opencv-python-headless einops psutil
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -18,7 +18,8 @@ usual zero-init residual trade-off).
 Every output chunk is a grid (keyframe: pooled grid; queries: the query grid), so M-RoPE positions are built as for an
 image of that grid at the frame's time; `ClapperOutput.grids` lists them.
 
-Not for: choosing frames (``slowfast``), training-free merging (``dyntok``).
+Written with torch's ``nn.MultiheadAttention`` rather than a transformers perceiver block: ``encoders`` does not
+import transformers. Not for: choosing frames (``slowfast``), training-free merging (``dyntok``).
 """
 
 from __future__ import annotations
@@ -163,10 +164,8 @@ class TimePerceiver(nn.Module):
                 continue
             seg_ids.append(s)
             pooled.append(torch.stack([self._pool(frames[i], grids[i], self.query_hw) for i in rest]).mean(0))
-            kv_s = torch.cat(
-                [self.in_kv(frames[i]) + self.frame_embed[i - s - 1] for i in rest]
-            )  # (L_s, hidden)
-            keys.append(kv_s)
+            # (L_s, hidden): every token of the segment's other frames, tagged with its frame
+            keys.append(torch.cat([self.in_kv(frames[i]) + self.frame_embed[i - s - 1] for i in rest]))
         compressed = {}
         if seg_ids:
             pooled_t = torch.stack(pooled)  # (S, Q, llm_width)

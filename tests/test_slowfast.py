@@ -52,6 +52,13 @@ def vdir(tmp_path_factory) -> Path:
 
 
 _cache: dict[str, Path] = {}
+CUTS_SMALL = {
+    "height": 112,
+    "width": 140,
+    "fps": 10,
+    "seed": 3,
+    "scenes": [{"type": "blocks", "duration": 2.0}, {"type": "blocks", "duration": 2.0}],
+}
 
 
 def _video(vdir: Path, name: str, spec: dict) -> Path:
@@ -203,13 +210,7 @@ def test_pyav_when_decord_is_missing(vdir, monkeypatch):
     path = _video(
         vdir,
         "cuts_small",
-        {
-            "height": 112,
-            "width": 140,
-            "fps": 10,
-            "seed": 3,
-            "scenes": [{"type": "blocks", "duration": 2.0}, {"type": "blocks", "duration": 2.0}],
-        },
+        CUTS_SMALL,
     )
     monkeypatch.setitem(sys.modules, "decord", None)  # import decord -> ImportError
     plan, frames = plan_video(path)
@@ -225,13 +226,7 @@ def test_disabled_is_uniform_all_slow(vdir):
     path = _video(
         vdir,
         "cuts_small",
-        {
-            "height": 112,
-            "width": 140,
-            "fps": 10,
-            "seed": 3,
-            "scenes": [{"type": "blocks", "duration": 2.0}, {"type": "blocks", "duration": 2.0}],
-        },
+        CUTS_SMALL,
     )
     plan, frames = plan_video(path, SlowFastConfig(enabled=False))
     assert [f.kind for f in plan.frames] == ["slow"] * 8
@@ -315,6 +310,15 @@ def test_missing_and_non_video_files(tmp_path):
     bad.write_text("not a video")
     with pytest.raises(VideoDecodeError, match="notes.mp4: cannot decode"):
         plan_video(bad)
+
+
+def test_truncated_file(vdir, tmp_path):
+    path = _video(vdir, "cuts_small", CUTS_SMALL)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])  # the index (moov) is at the end: nothing is readable
+    with pytest.raises(VideoDecodeError, match="cut.mp4: cannot decode"):
+        plan_video(cut)
 
 
 def test_bad_config():
@@ -538,3 +542,16 @@ def test_plan_dict_format():
     json.dumps(d)
     assert isinstance(plan, VideoPlan) and isinstance(plan.frames[0], FramePlan)
     assert math.isclose(d["sample_fps"], 2.0)
+
+
+def test_torch_threads_restored(vdir, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    plan_video(_video(vdir, "cuts_small", CUTS_SMALL))
+    assert torch.get_num_threads() == threads
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(VideoDecodeError):
+        plan_video(bad)
+    assert torch.get_num_threads() == threads
