@@ -9,7 +9,13 @@ import sys
 
 import torch
 
-BENCHES = ["bench.bench_core", "bench.bench_sandbox", "bench.bench_encoders"]
+BENCHES = [
+    "bench.bench_core",
+    "bench.bench_compression",
+    "bench.bench_encoders",
+    "bench.bench_sandbox",
+    "bench.bench_training",
+]
 
 
 def main(argv: list[str]) -> int:
