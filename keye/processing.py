@@ -160,12 +160,16 @@ class KeyeProcessor:
         ]
 
     def load_video(self, video, **overrides) -> VideoInput:
-        """Decode and plan a video (Slow-Fast selection within the token budget). ``overrides`` replace settings."""
+        """Decode and plan a video (Slow-Fast selection within the token budget). ``overrides`` replace settings
+        (``None`` values are ignored)."""
         if isinstance(video, VideoInput):
             return video
         from keye.encoders.slowfast import SlowFastConfig, plan_video
 
-        s = {**asdict(self.settings), **overrides}
+        s = {
+            **asdict(self.settings),
+            **{k: v for k, v in overrides.items() if v is not None},
+        }  # None: keep default
         cfg = SlowFastConfig(
             fps=s["fps"],
             max_frames=s["max_frames"],
