@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.keye-setup
 
-.PHONY: setup demo quickstart test test-fast bench bench-baselines lint clean
+.PHONY: setup demo quickstart test test-fast bench bench-baselines keye-tiny lint clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Reproduce keye-tiny's trained weights (keye/assets/keye-tiny.safetensors) with the pretraining stages 0-3.
+keye-tiny: setup
+	$(PY) -m keye.pretrain.tiny
 
 # The reference implementations the benchmarks compare against, in their own environment (about 5.6 GB: they need
 # torchvision, which only torch 2.14.1 matches here). bench_encoders uses it when present.

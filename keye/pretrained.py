@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_WEIGHTS = ASSETS / "keye-tiny.safetensors"
-TINY_RECIPE_VERSION = "3"  # bump when the way keye-tiny is assembled changes, to rebuild caches
+TINY_RECIPE_VERSION = "4"  # bump when the way keye-tiny is assembled changes, to rebuild caches
 
 # keye-tiny's video defaults: 112x112-ish frames (16 tokens) for slow frames, a small budget for a 2-core CPU.
 TINY_SETTINGS = dict(
@@ -142,8 +142,10 @@ def build_keye_tiny(out_dir: Path, vision_weights: Path | None = TINY_WEIGHTS, s
     assert not unexpected, unexpected
     assert all(k.startswith(("vision.", "projector.", "lm_head")) for k in missing), missing
     if vision_weights is not None and Path(vision_weights).exists():
+        from keye.training.model import apply_delta
+
         trained = load_file(str(vision_weights))
-        model.load_state_dict(trained, strict=False)
+        apply_delta(model, trained)  # whole tensors, LoRA factor pairs, new-token embedding rows
         logger.info("loaded %d trained keye-tiny tensors from %s", len(trained), vision_weights)
     model.tie_weights()
     tokenizer.chat_template = (

@@ -80,7 +80,9 @@ def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2) -> Pa
                 out["open"].append(_chat(media, qa.question, qa.answer, meta))
                 mc = "\n".join([MC_INSTRUCTION, qa.question, *qa.options, MC_CUE])
                 out["mc"].append(_chat(media, mc, qa.answer_letter, meta))
-                if kind == "video":  # the letter format without vision: the answer is in a written description
+                if (
+                    kind == "video"
+                ):  # the letter format without vision: the answer is in a written description
                     text = f"The video: {s.caption}\n{mc}"
                     out["text_mc"].append(_chat(None, text, qa.answer_letter, meta))
         for name, lines in out.items():
@@ -141,7 +143,12 @@ def evaluate_open(
             asked += 1
             if qtypes is not None and qa.qtype not in qtypes:
                 continue
-            msgs = [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": qa.question}]}]
+            msgs = [
+                {
+                    "role": "user",
+                    "content": [{"type": "video", "video": video}, {"type": "text", "text": qa.question}],
+                }
+            ]
             inputs = processor(msgs)
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -165,39 +172,52 @@ def load_with_asset(asset: Path | None):
     from keye.training.model import apply_delta, keye_tiny_base, read_tensors
 
     folder = keye_tiny_base()
-    model = KeyeForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    model = KeyeForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa"
+    )
     if asset is not None:
         apply_delta(model, read_tensors(asset))
     return model.eval(), KeyeProcessor.from_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keye.pretrain.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m keye.pretrain.tiny", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--data", type=Path, default=Path("runs/keye-tiny/data"))
     parser.add_argument("--n-video", type=int, default=2400)
     parser.add_argument("--n-image", type=int, default=1200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--stages", nargs="+", default=STAGES)
-    parser.add_argument("--asset", type=Path, default=Path(__file__).resolve().parents[1] / "keye" / "assets" / "keye-tiny.safetensors")
+    parser.add_argument(
+        "--asset",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "keye" / "assets" / "keye-tiny.safetensors",
+    )
     parser.add_argument("--eval-seed", type=int, default=7, help="a seed never used in training")
     parser.add_argument("--eval-n", type=int, default=0, help="open-ended questions to score (0: skip)")
+    parser.add_argument("--eval-only", action="store_true", help="skip data and training; only evaluate")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    prepare_data(args.data, args.n_video, args.n_image, args.workers)
-    logger.info("data ready: %.1f min", (time.perf_counter() - t0) / 60)
-    run_stages(args.stages, args.overrides)
-    from keye.training import load_config
+    if not args.eval_only:
+        prepare_data(args.data, args.n_video, args.n_image, args.workers)
+        logger.info("data ready: %.1f min", (time.perf_counter() - t0) / 60)
+        run_stages(args.stages, args.overrides)
+        from keye.training import load_config
 
-    dirs = [Path(load_config(CONFIGS / f"{s}.yaml", args.overrides).output_dir) for s in STAGES]
-    if all((d / "final" / "weights.safetensors").exists() for d in dirs):
-        build_asset(dirs, args.asset)
-    logger.info("total: %.1f min", (time.perf_counter() - t0) / 60)
+        dirs = [Path(load_config(CONFIGS / f"{s}.yaml", args.overrides).output_dir) for s in STAGES]
+        if all((d / "final" / "weights.safetensors").exists() for d in dirs):
+            build_asset(dirs, args.asset)
+        logger.info("total: %.1f min", (time.perf_counter() - t0) / 60)
     if args.eval_n:
-        for name, asset in (("untrained", None), ("trained", args.asset)):
+        models = [("untrained", None)] + ([("trained", args.asset)] if args.asset.exists() else [])
+        for name, asset in models:
             model, processor = load_with_asset(asset)
-            res = evaluate_open(model, processor, seed=args.eval_seed, n=args.eval_n, media_dir=args.data.parent / "eval")
+            res = evaluate_open(
+                model, processor, seed=args.eval_seed, n=args.eval_n, media_dir=args.data.parent / "eval"
+            )
             print(name, json.dumps(res))
     return 0
 

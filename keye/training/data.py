@@ -348,11 +348,7 @@ class TrainStream(IterableDataset):
                     break
                 rows.append([s])
                 used = n
-            batch = (
-                pack_samples(rows, self.pad_id)
-                if cfg.packing
-                else collate_padded(rows[0], self.pad_id)
-            )
+            batch = pack_samples(rows, self.pad_id) if cfg.packing else collate_padded(rows[0], self.pad_id)
             batch["position"] = first
             batch["next_position"] = pending[0] if pending else local
             batch["num_samples"] = sum(len(r) for r in rows)

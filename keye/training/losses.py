@@ -71,7 +71,9 @@ def lm_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 class SigLIPHead(nn.Module):
     """Projections and the learned temperature/bias of SigLIP's pairwise sigmoid loss (Zhai et al., 2023)."""
 
-    def __init__(self, vision_dim: int, text_dim: int, embed_dim: int, init_temperature: float, init_bias: float):
+    def __init__(
+        self, vision_dim: int, text_dim: int, embed_dim: int, init_temperature: float, init_bias: float
+    ):
         super().__init__()
         self.vision_proj = nn.Linear(vision_dim, embed_dim)
         self.text_proj = nn.Linear(text_dim, embed_dim)

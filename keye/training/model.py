@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,8 +76,13 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[KeyeForConditionalGener
 
     ``path``: ``keye-tiny``, ``keye-tiny-base`` (keye-tiny without its shipped trained weights), a model folder, or
     ``random:<folder>`` (that folder's config with fresh weights from ``seed``)."""
+    from transformers.utils.import_utils import is_flash_attn_2_available
+
     from keye.pretrained import load_pretrained
 
+    if cfg.attn_implementation is None:  # weights load on the CPU; the run moves them to the GPU
+        use_flash = torch.cuda.is_available() and is_flash_attn_2_available()
+        cfg = replace(cfg, attn_implementation="flash_attention_2" if use_flash else "sdpa")
     if cfg.path == "keye-tiny-base":
         model, processor = load_pretrained(
             keye_tiny_base(), device="cpu", dtype=torch.float32, attn_implementation=cfg.attn_implementation
@@ -259,7 +265,9 @@ def apply_delta(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 b = tensors[key[: -len(".lora_A")] + ".lora_B"]
                 p.add_((b.float() @ value.float()).to(p.dtype))  # (out, r) @ (r, in)
     if unknown:
-        raise ConfigError("delta", f"tensors not in the model: {unknown[:8]}{'...' if len(unknown) > 8 else ''}")
+        raise ConfigError(
+            "delta", f"tensors not in the model: {unknown[:8]}{'...' if len(unknown) > 8 else ''}"
+        )
 
 
 def compose_deltas(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -281,7 +289,12 @@ def compose_deltas(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
                     out[base] = out[base].clone()
                     out[base][value] = vals
                     continue
-                rows = dict(zip(out.get(key, torch.empty(0, dtype=torch.long)).tolist(), out.get(f"{base}.row_values", [])))
+                rows = dict(
+                    zip(
+                        out.get(key, torch.empty(0, dtype=torch.long)).tolist(),
+                        out.get(f"{base}.row_values", []),
+                    )
+                )
                 rows.update(zip(value.tolist(), vals))
                 ids = sorted(rows)
                 out[key] = torch.tensor(ids, dtype=torch.long)

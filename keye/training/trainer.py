@@ -139,7 +139,7 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         model, self.processor = load_model(cfg.model, seed=cfg.seed)
-        inject_lora(model, cfg.lora)
+        self.add_adapters(model)
         self.trainable = apply_freeze(model, cfg.freeze, model.config)
         self.head = None
         if cfg.objective == "contrastive":
@@ -158,7 +158,9 @@ class Trainer:
         logger.info("trainable: %d of %d parameters (%d tensors)", n_train, n_all, len(self.trainable))
         self.n_trainable = n_train
 
-        optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        optimizer = torch.optim.AdamW(
+            self._param_groups(model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
         # The schedule stays outside accelerate, which would step it once per process: it counts optimizer steps.
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -169,15 +171,25 @@ class Trainer:
                 self._load_checkpoint(ckpt)
             else:
                 logger.info("--resume: no checkpoint under %s, starting fresh", self.out)
-        self.stream = TrainStream(
-            cfg.data,
+        self.stream = self.build_stream()
+        return self
+
+    # Hooks a recipe may override (post-training: adapters outside the LLM, streams of pairs or prompts).
+    def add_adapters(self, model) -> None:
+        """Add trainable adapters before freezing is applied (default: LoRA on the LLM from ``cfg.lora``)."""
+        inject_lora(model, self.cfg.lora)
+
+    def build_stream(self):
+        """The data stream, starting at this rank's restored position (default: `TrainStream`)."""
+        acc = self.acc
+        return TrainStream(
+            self.cfg.data,
             self.processor,
-            cfg.seed,
+            self.cfg.seed,
             rank=acc.process_index,
             world=acc.num_processes,
             start=self.position,
         )
-        return self
 
     def _param_groups(self, model) -> list[dict]:
         """Weight decay on matrices only (never on embeddings, norms or biases); ``optim.lr_scale`` multipliers."""
@@ -304,9 +316,12 @@ class Trainer:
             window = [next(batches) for _ in range(cfg.grad_accum)]
             self.position = window[-1]["next_position"]
             local = torch.tensor(
-                [sum(self._count(b) for b in window), sum(b["num_tokens"] for b in window)], dtype=torch.float64
+                [sum(self._count(b) for b in window), sum(b["num_tokens"] for b in window)],
+                dtype=torch.float64,
             )
-            total = acc.reduce(local.to(acc.device), reduction="sum").cpu()  # trained labels, tokens: all ranks
+            total = acc.reduce(
+                local.to(acc.device), reduction="sum"
+            ).cpu()  # trained labels, tokens: all ranks
             denom = max(float(total[0]), 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64)
             grad_norm = None
@@ -388,7 +403,10 @@ class Trainer:
         delta = {k: v for k, v in trained_delta(model).items() if not k.startswith("head.")}
         save_file(delta, str(tmp / "weights.safetensors"))
         if self.head is not None:
-            save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            save_file(
+                {k: v.detach().contiguous() for k, v in self.head.state_dict().items()},
+                str(tmp / "head.safetensors"),
+            )
             del model.head
         merge_lora(model)
         model.save_pretrained(tmp / "model")
