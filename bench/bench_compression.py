@@ -2,7 +2,7 @@
 
 For 32, 64 and 128 sampled frames of one generated 64 s video, side by side in this run:
   - uniform sampling (every frame slow), Slow-Fast, Slow-Fast + DynTok: vision tokens and prefill latency
-    (vision tower + LLM prefill of the whole prompt, keye-tiny, median of 3);
+    (vision tower + LLM prefill of the whole prompt, keye-tiny, median of ``repeat``);
   - Clapper: tokens per frame of its TimePerceiver (not yet used at inference, so no latency).
 Goals (issue 4): DynTok keeps <= 45% of tokens; Clapper <= 61 tokens per frame; prefill at 64 frames compressed <= 1/2
 of uncompressed.
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-def main() -> dict:
+def main(repeat: int = 3) -> dict:
     from keye import load_pretrained
     from keye.compression import compress_inputs
     from keye.encoders.clapper import ClapperConfig, clapper_tokens
@@ -44,7 +44,7 @@ def main() -> dict:
             frames = len(inputs.videos[0].frames)
 
             times = []
-            for _ in range(3):
+            for _ in range(repeat):
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     x, tokens = compress_inputs(model, inputs, compress)

@@ -11,7 +11,9 @@ from keye.eval.keye_predictor import KeyePredictor
 def test_cache_reuse_matches_fresh_encoding(keye_tiny, sample_video):
     reuse = KeyePredictor(*keye_tiny, name="keye-tiny", reuse_cache=True)
     fresh = KeyePredictor(*keye_tiny, name="keye-tiny", reuse_cache=False)
-    enc = dict(fps=None, max_frames=None, token_budget=None, compress="none", subtitles=None)  # model defaults
+    enc = dict(
+        fps=None, max_frames=None, token_budget=None, compress="none", subtitles=None
+    )  # model defaults
     a, b = reuse.prepare_video(str(sample_video), **enc), fresh.prepare_video(str(sample_video), **enc)
     assert a.cache.get_seq_length() == a.prefix_ids.shape[1] and b.cache is None
     assert reuse.sampled_frame_times(a) == fresh.sampled_frame_times(b)
