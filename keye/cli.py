@@ -272,12 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from keye.demo.cli import add_parser as add_demo
     from keye.eval.cli import add_parser as add_eval
+    from keye.posttrain.cli import add_parser as add_posttrain
     from keye.pretrain.cli import add_parser as add_pretrain
     from keye.tools.cli import add_parser as add_tools
 
     add_tools(sub)
     add_eval(sub)
     add_pretrain(sub)
+    add_posttrain(sub)
     add_demo(sub)
     return parser
 

@@ -1,0 +1,161 @@
+"""``keye sft``, ``rl``, ``dpo``, ``merge-lora``, ``posttrain-data`` and ``posttrain-eval``: `add_parser` hangs them
+under keye's CLI.
+
+    keye posttrain-data --out runs/posttrain/data [--seed 0] [--n 64]      # synthetic SFT / RL / preference manifests
+    keye sft --config configs/posttrain/sft-tiny.yaml [key.sub=value ...] [--resume]
+    keye rl  --config configs/posttrain/gspo-tiny.yaml [...]
+    keye dpo --config configs/posttrain/dpo-tiny.yaml [...]                 # mpo-tiny.yaml: dpo.loss: mpo
+    keye merge-lora RUN/checkpoints/step-000100 --out DIR [--base MODEL]   # or RUN/final
+    keye posttrain-eval --model DIR --manifest runs/posttrain/data/rl_heldout.jsonl [--no-think] [--n 100]
+
+The module also runs on its own: ``python -m keye.posttrain.cli sft --config ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["add_parser", "main", "prepare_data"]
+
+
+def _recipe(name: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        module = importlib.import_module(f"keye.posttrain.{name}")
+        final = module.run(args.config, args.overrides, resume=args.resume)
+        if final is not None:
+            print(f"exported {final}")
+        return 0
+
+    return run
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from keye.posttrain.sft import merge_lora_checkpoint
+
+    out = merge_lora_checkpoint(args.checkpoint, args.out, base=args.base)
+    print(f"merged adapters -> {out}")
+    return 0
+
+
+def prepare_data(out: str, seed: int = 0, n: int = 64, size: int = 112, duration: float = 2.0) -> dict:
+    """Synthetic post-training data under ``out``: ``media/`` (videos and images with every question), SFT
+    ``think.jsonl`` / ``no_think.jsonl``, RL ``rl_prompts.jsonl`` (multiple choice, with hints), ``rl_heldout.jsonl``
+    (another seed) and ``pairs.jsonl`` (preference pairs)."""
+    from pathlib import Path
+
+    from keye.posttrain.dpo import write_preference_pairs
+    from keye.posttrain.rl import write_rl_prompts
+    from keye.posttrain.sft import write_thinking_mix
+    from keye.synthetic import generate_dataset
+
+    out = Path(out)
+    common = dict(size=(size, size), fps=4, duration=duration, per_sample="all", progress=False)
+    train = generate_dataset(out / "train", seed=seed, n=n, question_style="mixed", **common)
+    mc = generate_dataset(out / "mc", seed=seed, n=n, question_style="mc", **common)
+    held = generate_dataset(
+        out / "heldout", seed=seed + 10_000, n=max(8, n // 4), question_style="mc", **common
+    )
+    paths = write_thinking_mix(train, out)
+    paths["rl_prompts"] = write_rl_prompts(mc, out / "rl_prompts.jsonl")
+    paths["rl_heldout"] = write_rl_prompts(held, out / "rl_heldout.jsonl")
+    paths["pairs"] = write_preference_pairs(mc, out / "pairs.jsonl", seed=seed)
+    return paths
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from keye import load_pretrained
+    from keye.posttrain.rewards import make_verifier
+    from keye.posttrain.rl import evaluate_accuracy
+
+    model, processor = load_pretrained(args.model)
+    overrides = {"max_frames": args.max_frames} if args.max_frames else {}
+    result = evaluate_accuracy(
+        model,
+        processor,
+        args.manifest,
+        make_verifier(args.verifier),
+        n=args.n,
+        max_new_tokens=args.max_new_tokens,
+        think=args.think,
+        overrides=overrides,
+    )
+    print(json.dumps({"model": args.model, "manifest": args.manifest, "think": args.think, **result}))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    for key, path in prepare_data(args.out, args.seed, args.n, args.size, args.duration).items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sft``, ``rl``, ``dpo``, ``merge-lora``, ``posttrain-data`` and ``posttrain-eval``; each sets ``func(args) -> status``."""
+    for name, module, help_ in (
+        ("sft", "sft", "supervised fine-tuning (full or LoRA) from a YAML config"),
+        ("rl", "rl", "GSPO reinforcement learning on verifiable image/video prompts"),
+        ("dpo", "dpo", "preference alignment (DPO or MPO) on image/video pairs"),
+    ):
+        p = subparsers.add_parser(name, help=help_)
+        p.add_argument("--config", required=True, help=f"configs/posttrain/<{name}>.yaml")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+        p.add_argument(
+            "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
+        )
+        p.set_defaults(func=_recipe(module))
+
+    m = subparsers.add_parser("merge-lora", help="fold LoRA adapters into a plain model folder")
+    m.add_argument(
+        "checkpoint", metavar="ADAPTER_CKPT", help="checkpoints/step-N folder or an export (final/)"
+    )
+    m.add_argument("--out", required=True, metavar="DIR")
+    m.add_argument("--base", help="base model (default: the run's model.path)")
+    m.set_defaults(func=_merge_lora)
+
+    e = subparsers.add_parser(
+        "posttrain-eval", help="greedy accuracy on a prompt manifest (verifiable answers)"
+    )
+    e.add_argument("--model", default="keye-tiny")
+    e.add_argument("--manifest", required=True, help="e.g. runs/posttrain/data/rl_heldout.jsonl")
+    e.add_argument(
+        "--verifier", default="choice", help="a registered verifier (choice, number, normalized, ...)"
+    )
+    e.add_argument("--n", type=int, default=100, help="first N lines")
+    e.add_argument("--max-new-tokens", type=int, default=8)
+    e.add_argument("--max-frames", type=int, default=8)
+    think = e.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_const", const=True, help="append /think")
+    think.add_argument("--no-think", dest="think", action="store_const", const=False, help="/no_think")
+    e.set_defaults(func=_eval, think=None)
+
+    d = subparsers.add_parser("posttrain-data", help="write synthetic SFT / RL / preference manifests")
+    d.add_argument("--out", default="runs/posttrain/data", metavar="DIR")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n", type=int, default=64, help="videos and images (each with every question)")
+    d.add_argument("--size", type=int, default=112, help="frame side in pixels")
+    d.add_argument("--duration", type=float, default=2.0, help="video length in seconds")
+    d.set_defaults(func=_data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keye.posttrain.cli")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from keye.errors import KeyeInputError
+
+    try:
+        return args.func(args)
+    except KeyeInputError as e:
+        print(f"keye: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""GSPO reinforcement learning on image and video prompts with verifiable answers: ``keye rl --config ...``.
+
+One optimizer step::
+
+    prompts_per_step prompts (chat manifests mixed by data.sources weights; the reference answer from ``meta``)
+      --sample_with_hints(sample_group)-->  G responses each, escalating the hint while the whole group fails
+      --build_reward-->  rewards (G,)  --RLEP replay (optional)-->  + earlier successes, old log-probs recomputed
+      --skip groups with equal rewards (zero advantages: nothing to learn)-->
+      --group_advantages, policy_logprobs, gspo_loss-->  backward (mean over groups), clip, AdamW step
+
+The recipe is `PostTrainer` (the training core's `Trainer`) with its own ``train``: setup, freezing, LoRA, optimizer,
+schedule, atomic checkpoints, resume and export are the core's. Optionally, before training, each prompt's pass rate is
+measured (``rl.prefilter_samples`` responses) and only prompts solved sometimes but not always are kept
+(`filter_by_pass_rate`). Writes ``metrics.jsonl`` (reward, pass rate, hint levels, ratio and clip statistics per step),
+``reward.png`` and, with ``rl.eval_manifest``, held-out greedy accuracy before and after (``eval.jsonl``).
+
+Limits: one process (sampling is per prompt; data parallel RL is future work); the replay buffer is not checkpointed
+(it restarts empty on resume). Not for the losses, rewards, hints or sampling themselves: `keye.posttrain.gspo`,
+``rewards``, ``hints``, ``filtering``, ``rollout``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from keye.errors import ConfigError
+from keye.posttrain.filtering import ReplayBuffer, filter_by_pass_rate
+from keye.posttrain.gspo import group_advantages, gspo_loss
+from keye.posttrain.hints import HintLevel, sample_with_hints
+from keye.posttrain.rewards import Reference, RewardSpec, build_reward, make_verifier
+from keye.posttrain.rollout import GroupRollout, policy_logprobs, sample_group
+from keye.posttrain.sft import PostTrainConfig, PostTrainer, resolve_media
+from keye.training import load_config
+from keye.training.data import ManifestSource, MixSchedule
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GSPOConfig",
+    "PromptStream",
+    "RLConfig",
+    "RLTrainer",
+    "RewardTermConfig",
+    "evaluate_accuracy",
+    "plot_rewards",
+    "reference_of",
+    "run",
+    "synthetic_hints",
+    "write_rl_prompts",
+]
+
+
+@dataclass
+class RewardTermConfig:
+    """One reward term: a registered verifier (`keye.posttrain.rewards`), its weight and its options."""
+
+    name: str = "choice"
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GSPOConfig:
+    group_size: int = 4  # G responses per prompt
+    prompts_per_step: int = 2
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    think: bool | None = (
+        None  # True: /think, False: /no_think (empty think block pre-filled), None: prompt as is
+    )
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+    variant: str = "sequence"  # sequence (GSPO) | token (GSPO-token)
+    kl_coef: float = 0.0  # > 0: k3 KL to the initial policy (a frozen copy)
+    updates_per_batch: int = 1  # optimizer steps on one batch of rollouts (the first is on-policy: s = 1)
+    rewards: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
+    success: str = "choice"  # the verifier deciding success (hints, pass rate, replay); not a format bonus
+    success_threshold: float = 1.0
+    hints: bool = True  # progressive hints from each line's meta.hints
+    max_hint_level: str = "solution"
+    cumulative_hints: bool = False
+    skip_uniform_groups: bool = (
+        True  # a group whose rewards are all equal has zero advantages: skip its forward
+    )
+    prefilter_samples: int = 0  # > 0: measure every prompt's pass rate first; keep those strictly in (0, 1)
+    replay_per_prompt: int = 0  # RLEP: earlier successes mixed into a group (0: off)
+    replay_capacity: int = 16
+    eval_manifest: str | None = (
+        None  # held-out prompts: greedy accuracy (the success verifier) before and after
+    )
+    eval_n: int = 50
+
+    def __post_init__(self):
+        if self.variant not in ("sequence", "token"):
+            raise ConfigError("rl.variant", f"must be 'sequence' or 'token', got {self.variant!r}")
+        if self.max_hint_level.upper() not in HintLevel.__members__:
+            raise ConfigError("rl.max_hint_level", f"unknown level {self.max_hint_level!r}")
+        if self.group_size < 2:
+            raise ConfigError("rl.group_size", "group-normalised advantages need at least 2 responses")
+        names = [r.name for r in self.rewards]
+        for name in {*names, self.success}:
+            try:
+                make_verifier(name)  # an unknown verifier is a config error now, not at step 1
+            except KeyError as e:
+                raise ConfigError("rl.rewards", str(e)) from e
+
+
+@dataclass
+class RLConfig(PostTrainConfig):
+    rl: GSPOConfig = field(default_factory=GSPOConfig)
+
+
+def reference_of(record: dict) -> Reference:
+    """The verifiable answer of a manifest line: ``meta.answer_letter`` for a multiple-choice line (``meta.style ==
+    "mc"``, options from ``meta.options``), else ``meta.answer``, else the text of the last assistant turn."""
+    meta = record.get("meta") or {}
+    if meta.get("style") == "mc" and meta.get("answer_letter"):
+        return Reference(str(meta["answer_letter"]), tuple(meta.get("options") or ()))
+    if "answer" in meta:
+        return Reference(str(meta["answer"]), tuple(meta.get("options") or ()))
+    content = [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]
+    text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+    return Reference(text.strip())
+
+
+def prompt_messages(record: dict, root: Path) -> list[dict]:
+    """The prompt: messages up to the last user turn, media paths resolved."""
+    last_user = max(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
+    return resolve_media(record["messages"][: last_user + 1], root)
+
+
+class PromptStream:
+    """RL prompts: index -> ``(prompt_id, messages, Reference, hints)``, sources mixed by weight (the core's
+    `MixSchedule`); ``allowed`` (a set of prompt ids) drops prompts the pass-rate filter removed."""
+
+    def __init__(self, cfg, seed: int):
+        self.sources = [ManifestSource(s.path, s.kind) for s in cfg.sources]
+        self.schedule = MixSchedule([len(s) for s in self.sources], [s.weight for s in cfg.sources], seed)
+        self.allowed: set[str] | None = None
+        self.stats = None
+
+    def entry(self, s: int, row: int) -> tuple[str, list[dict], Reference, dict]:
+        source = self.sources[s]
+        line, record = source[row]
+        pid = str(record.get("id", f"{source.path}:{line}"))
+        hints = (record.get("meta") or {}).get("hints") or {}
+        return pid, prompt_messages(record, source.path.parent), reference_of(record), hints
+
+    def all(self):
+        for s, source in enumerate(self.sources):
+            for row in range(len(source)):
+                yield self.entry(s, row)
+
+    def next(self, position: int) -> tuple[int, tuple]:
+        """The first allowed prompt at or after ``position``, and the position after it."""
+        for _ in range(100_000):
+            item = self.entry(*self.schedule(position))
+            position += 1
+            if self.allowed is None or item[0] in self.allowed:
+                return position, item
+        raise ConfigError("rl.prefilter_samples", "no prompt left after pass-rate filtering")
+
+
+def _pad_cat(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
+    return torch.stack([torch.nn.functional.pad(r, (0, length - len(r)), value=value) for r in rows])
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model, processor, manifest: str | Path, success, *, n: int, max_new_tokens: int, think, overrides: dict
+) -> dict:
+    """Greedy decoding on the first ``n`` lines of ``manifest``: ``{"accuracy", "n", "by_qtype": {qtype: accuracy}}``,
+    a response counting as correct when ``success`` scores it >= 1."""
+    from collections import Counter
+
+    from keye.training.config import DataConfig, SourceConfig
+
+    stream = PromptStream(DataConfig(sources=[SourceConfig(path=str(manifest))]), 0)
+    source = stream.sources[0]
+    was_training = model.training
+    model.eval()
+    hits, total = Counter(), Counter()
+    for row in range(min(n, len(source))):
+        _pid, messages, ref, _ = stream.entry(0, row)
+        qtype = str((source[row][1].get("meta") or {}).get("qtype", "all"))
+        enc = processor(messages, think=think, **overrides)
+        inputs = {k: v.to(model.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        text = processor.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        hits[qtype] += float(success(text, ref)) >= 1.0
+        total[qtype] += 1
+    model.train(was_training)
+    n_all = sum(total.values())
+    return {
+        "accuracy": sum(hits.values()) / max(n_all, 1),
+        "n": n_all,
+        "by_qtype": {q: hits[q] / total[q] for q in sorted(total)},
+    }
+
+
+def plot_rewards(metrics: list[dict], path: Path, title: str) -> None:
+    """Mean reward and pass rate per step (and a moving average) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    reward = [m["reward_mean"] for m in metrics]
+    k = max(1, len(reward) // 10)
+    smooth = [
+        sum(reward[max(0, i - k + 1) : i + 1]) / len(reward[max(0, i - k + 1) : i + 1])
+        for i in range(len(reward))
+    ]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, reward, lw=0.8, alpha=0.4, label="reward")
+    ax.plot(steps, smooth, lw=1.5, label=f"reward ({k}-step mean)")
+    ax.plot(steps, [m["pass_rate"] for m in metrics], lw=0.8, alpha=0.6, label="pass rate")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class RLTrainer(PostTrainer):
+    """GSPO over the training core (see the module docstring)."""
+
+    cfg: RLConfig
+
+    def make_stream(self, core_stream, data_cfg, processor, seed, **_):
+        return PromptStream(data_cfg, seed)
+
+    def setup(self, resume: bool = False) -> RLTrainer:
+        super().setup(resume=resume)
+        rl = self.cfg.rl
+        self.reward = build_reward([RewardSpec(r.name, r.weight, r.options) for r in rl.rewards])
+        self.success = make_verifier(rl.success)
+        self.replay = (
+            ReplayBuffer(
+                rl.replay_per_prompt,
+                rl.replay_capacity,
+                success_threshold=rl.success_threshold,
+                seed=self.cfg.seed,
+            )
+            if rl.replay_per_prompt > 0
+            else None
+        )
+        gen = self._unwrapped().generation_config
+        if (
+            gen.eos_token_id is None
+        ):  # a random: model has no generation config; a chat turn ends at <|im_end|>
+            gen.eos_token_id = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            logger.warning("model has no eos_token_id; responses end at <|im_end|> (%d)", gen.eos_token_id)
+        self.reference = None
+        if rl.kl_coef > 0:
+            self.reference = copy.deepcopy(self._unwrapped()).eval().requires_grad_(False)
+        d = self.cfg.data
+        self.overrides = {
+            k: v
+            for k, v in (("fps", d.fps), ("max_frames", d.max_frames), ("token_budget", d.token_budget))
+            if v is not None
+        }
+        if rl.prefilter_samples > 0:
+            self._prefilter()
+        return self
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _sample(self, messages: list[dict], g: int | None = None) -> GroupRollout:
+        rl = self.cfg.rl
+        return sample_group(
+            self._unwrapped(),
+            self.processor,
+            messages,
+            g or rl.group_size,
+            max_new_tokens=rl.max_new_tokens,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            top_k=rl.top_k,
+            think=rl.think,
+            **self.overrides,
+        )
+
+    def _prefilter(self) -> None:
+        """Keep the prompts whose pass rate over ``prefilter_samples`` responses is strictly in (0, 1); the result is
+        saved (``prefilter.json``) and reused on resume."""
+        path = self.out / "prefilter.json"
+        if path.exists():
+            self.stream.allowed = set(json.loads(path.read_text())["kept"])
+            return
+        ids, successes = [], []
+        model = self._unwrapped().eval()
+        for pid, messages, ref, _ in self.stream.all():
+            rollout = self._sample(messages, self.cfg.rl.prefilter_samples)
+            ids.append(pid)
+            successes.append([float(self.success(t, ref)) for t in rollout.texts])
+        model.train()
+        result = filter_by_pass_rate(ids, successes, success_threshold=self.cfg.rl.success_threshold)
+        logger.info(
+            "pass-rate filter: kept %d of %d prompts (%d never solved, %d always solved)",
+            len(result.kept),
+            len(ids),
+            result.n_unsolved,
+            result.n_solved,
+        )
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(
+                {
+                    "kept": result.kept,
+                    "rates": dict(zip(ids, result.rates.tolist())),
+                    "n_unsolved": result.n_unsolved,
+                    "n_solved": result.n_solved,
+                },
+                indent=1,
+            )
+        )
+        self.stream.allowed = set(result.kept)
+
+    def _with_replay(
+        self, pid: str, rollout: GroupRollout, rewards: list[float]
+    ) -> tuple[GroupRollout, list[float], int]:
+        """RLEP: the new group plus up to ``replay_per_prompt`` earlier successes of this prompt, their old log-probs
+        recomputed with the current policy (they were sampled by an older one)."""
+        items = [
+            (ids[: int(m.sum())], text)
+            for ids, m, text in zip(rollout.response_ids, rollout.response_mask, rollout.texts)
+        ]
+        mix = self.replay.mix(pid, items, rewards)
+        if mix.n_replayed == 0:
+            return rollout, rewards, 0
+        length = max(len(ids) for ids, _ in mix.rollouts)
+        pad = self.processor.tokenizer.pad_token_id or 0
+        ids = _pad_cat([i for i, _ in mix.rollouts], length, pad)  # (G', R)
+        mask = _pad_cat([torch.ones(len(i), dtype=torch.long) for i, _ in mix.rollouts], length, 0)  # (G', R)
+        old = torch.nn.functional.pad(rollout.old_logps, (0, length - rollout.old_logps.shape[1]))
+        merged = GroupRollout(
+            prompt=rollout.prompt,
+            response_ids=ids,
+            response_mask=mask,
+            old_logps=torch.cat([old, torch.zeros(mix.n_replayed, length)]),
+            texts=[t for _, t in mix.rollouts],
+            temperature=rollout.temperature,
+            messages=rollout.messages,
+        )
+        with torch.no_grad():
+            current = policy_logprobs(self._unwrapped(), merged).cpu()  # (G', R)
+        replayed = torch.tensor(mix.replayed)
+        merged.old_logps[replayed] = current[replayed] * mask[replayed]
+        return merged, mix.rewards, mix.n_replayed
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _evaluate(self) -> dict | None:
+        rl = self.cfg.rl
+        if not rl.eval_manifest:
+            return None
+        return evaluate_accuracy(
+            self._unwrapped(),
+            self.processor,
+            rl.eval_manifest,
+            self.success,
+            n=rl.eval_n,
+            max_new_tokens=rl.max_new_tokens,
+            think=rl.think,
+            overrides=self.overrides,
+        )
+
+    def _log_eval(self, when: str, result: dict | None) -> None:
+        if result is None:
+            return
+        logger.info("held-out accuracy %s: %.3f (%d prompts)", when, result["accuracy"], result["n"])
+        with open(self.out / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps({"when": when, "step": self.step, **result}) + "\n")
+
+    def train(self) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        cfg, rl, acc = self.cfg, self.cfg.rl, self.acc
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        if self.step == 0:
+            self._log_eval("before", self._evaluate())
+        model = self._unwrapped()
+        max_level = HintLevel[rl.max_hint_level.upper()]
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.name, dynamic_ncols=True)
+        start_time = time.perf_counter()
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            model.eval()  # sampling: no dropout
+            groups, rewards_all, successes_all, levels, n_replayed = [], [], [], [], 0
+            for _ in range(rl.prompts_per_step):
+                self.position, (pid, messages, ref, hints) = self.stream.next(self.position)
+                hinted = sample_with_hints(
+                    messages,
+                    hints if rl.hints else {},
+                    self._sample,
+                    lambda g, ref=ref: [float(self.success(t, ref)) for t in g.texts],
+                    max_level=max_level,
+                    success_threshold=rl.success_threshold,
+                    cumulative=rl.cumulative_hints,
+                )
+                rollout = hinted.group
+                rewards = [float(self.reward(t, ref)) for t in rollout.texts]
+                successes_all.extend(hinted.rewards)
+                rewards_all.extend(rewards)
+                levels.append(int(hinted.level))
+                if self.replay is not None and hinted.level == HintLevel.NONE:
+                    rollout, rewards, k = self._with_replay(pid, rollout, rewards)
+                    n_replayed += k
+                groups.append((rollout, rewards))
+            kept = [(r, w) for r, w in groups if not (rl.skip_uniform_groups and max(w) == min(w))]
+            ref_logps = {}
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logps = {id(r): policy_logprobs(self.reference, r) for r, _ in kept}
+            model.train()
+            loss_value, stats, grad_norm = 0.0, [], None
+            for _ in range(rl.updates_per_batch if kept else 0):
+                total = 0.0
+                for rollout, rewards in kept:
+                    adv = group_advantages(torch.tensor([rewards]))[0].to(model.device)  # (G,)
+                    with acc.autocast():
+                        new = policy_logprobs(model, rollout)  # (G, R) with grad
+                    loss, st = gspo_loss(
+                        new,
+                        rollout.old_logps.to(new.device),
+                        adv,
+                        rollout.response_mask.to(new.device),
+                        eps_low=rl.eps_low,
+                        eps_high=rl.eps_high,
+                        variant=rl.variant,
+                        kl_coef=rl.kl_coef,
+                        ref_logps=ref_logps.get(id(rollout)),
+                    )
+                    acc.backward(loss / len(kept))  # the step's loss: mean over groups
+                    total += float(loss.detach()) / len(kept)
+                    stats.append(st)
+                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_value = total
+            self.scheduler.step()
+            self.step += 1
+            lengths = [int(r.response_mask.sum(1).float().mean()) for r, _ in groups]
+            m = {
+                "step": self.step,
+                "loss": loss_value,
+                "reward_mean": sum(rewards_all) / len(rewards_all),
+                "pass_rate": sum(s >= rl.success_threshold for s in successes_all) / len(successes_all),
+                "hint_level_mean": sum(levels) / len(levels),
+                "hinted_share": sum(lv > 0 for lv in levels) / len(levels),
+                "groups_trained": len(kept),
+                "replayed": n_replayed,
+                "response_len": sum(lengths) / len(lengths),
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "time_s": time.perf_counter() - start_time,
+                "step_s": time.perf_counter() - t0,
+            }
+            if stats:
+                for key in ("ratio_mean", "ratio_min", "ratio_max", "clip", "kl"):
+                    m[key] = sum(getattr(s, key) for s in stats) / len(stats)
+            self.metrics.append(m)
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{loss_value:.4f}")
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.metrics:
+            plot_rewards(self.metrics, self.out / "reward.png", cfg.name)
+        self._log_eval("after", self._evaluate())
+        return self.metrics
+
+
+def run(config: str | Path, overrides: list[str] | None = None, resume: bool = False) -> Path | None:
+    """A GSPO run: returns ``<output_dir>/final`` (None with ``export: false``)."""
+    cfg = load_config(config, overrides, cls=RLConfig)
+    trainer = RLTrainer(cfg).setup(resume=resume)
+    trainer.train()
+    return trainer.export() if cfg.export else None
+
+
+def synthetic_hints(meta: dict) -> dict[str, str]:
+    """Progressive hints for a synthetic question, weakest first, from its labels (a real dataset writes them offline
+    with a stronger model)."""
+    kind = meta.get("qtype", "content")
+    hints = {
+        "concept": f"The question is about {kind}.",
+        "strategy": "Find the scene the question names, then check each option against it.",
+        "solution": f"The answer is {meta['answer']}.",
+    }
+    if meta.get("style") == "mc" and meta.get("answer_letter"):
+        hints["solution"] += f" Answer with option {meta['answer_letter']}."
+    return hints
+
+
+def write_rl_prompts(manifest: str | Path, out: str | Path, *, qtypes: list[str] | None = None) -> Path:
+    """RL prompts from a synthetic chat manifest: the lines with a verifiable answer (not captions; only ``qtypes``
+    if given), each with ``meta.hints``. Media paths stay valid when ``out`` is in the manifest's folder."""
+    import os
+
+    manifest, out = Path(manifest), Path(out)
+    rel = Path(os.path.relpath(manifest.parent.resolve(), out.parent.resolve()))
+    lines = []
+    for text in manifest.read_text().splitlines():
+        rec = json.loads(text)
+        meta = rec.get("meta") or {}
+        if meta.get("qtype") == "caption" or (qtypes and meta.get("qtype") not in qtypes):
+            continue
+        rec["messages"] = resolve_media(rec["messages"], rel)
+        rec["meta"] = {**meta, "hints": synthetic_hints(meta)}
+        lines.append(rec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return out
