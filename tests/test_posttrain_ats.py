@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keye.tools.ats import CodeTemperatureProcessor, tempered_logprobs, thyme_reward
+from keye.posttrain.ats import CodeTemperatureProcessor, tempered_logprobs, thyme_reward
 
 
 @pytest.fixture(scope="module")
