@@ -161,6 +161,12 @@ class KeyeConfig(PreTrainedConfig):
         return self.text_config
 
 
+def token_id_fields(ids: dict[str, int]) -> dict[str, int]:
+    """`KeyeConfig`'s token-id fields from a ``{name: id}`` map of `VISION_TOKENS` (``add_keye_tokens``'s result)."""
+    names = {"image_pad": "image_token_id", "video_pad": "video_token_id"}
+    return {names.get(k, f"{k}_token_id"): ids[k] for k in VISION_TOKENS}
+
+
 def keye_tiny_config(text_config: KeyeTextConfig | dict, **token_ids) -> KeyeConfig:
     """keye-tiny: a 4-layer, 192-wide ViT and projector in front of SmolLM2-135M-Instruct."""
     vision = KeyeVisionConfig(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from keye.configuration import VISION_TOKENS, KeyeConfig, KeyeTextConfig, keye_tiny_config
+from keye.configuration import VISION_TOKENS, KeyeConfig, KeyeTextConfig, keye_tiny_config, token_id_fields
 from keye.modeling import KeyeForConditionalGeneration
 from keye.processing import CHAT_TEMPLATE, KeyeProcessor, ProcessorSettings
 
@@ -112,19 +112,7 @@ def build_keye_tiny(out_dir: Path, vision_weights: Path | None = TINY_WEIGHTS, s
         eos_token_id=lc.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = keye_tiny_config(
-        text,
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
-        vision_pad_token_id=ids["vision_pad"],
-        image_token_id=ids["image_pad"],
-        video_token_id=ids["video_pad"],
-        frame_token_id=ids["frame"],
-        fast_start_token_id=ids["fast_start"],
-        fast_end_token_id=ids["fast_end"],
-        think_start_token_id=ids["think_start"],
-        think_end_token_id=ids["think_end"],
-    )
+    config = keye_tiny_config(text, **token_id_fields(ids))
     torch.manual_seed(seed)
     model = KeyeForConditionalGeneration(config)
     state = {

@@ -17,7 +17,7 @@ __all__ = ["make_tiny_data", "make_tiny_model_folder", "tiny_train_config"]
 
 def make_tiny_model_folder(folder: str | Path, *, tie: bool = False) -> Path:
     """A ``random:`` model folder: tiny KeyeConfig + keye-tiny's processor (tokenizer with the Keye tokens)."""
-    from keye.configuration import KeyeConfig, KeyeTextConfig, KeyeVisionConfig
+    from keye.configuration import KeyeConfig, KeyeTextConfig, KeyeVisionConfig, token_id_fields
     from keye.pretrained import resolve
     from keye.processing import KeyeProcessor
 
@@ -52,16 +52,7 @@ def make_tiny_model_folder(folder: str | Path, *, tie: bool = False) -> Path:
         vision_config=vision,
         text_config=text,
         tie_word_embeddings=tie,
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
-        vision_pad_token_id=ids["vision_pad"],
-        image_token_id=ids["image_pad"],
-        video_token_id=ids["video_pad"],
-        frame_token_id=ids["frame"],
-        fast_start_token_id=ids["fast_start"],
-        fast_end_token_id=ids["fast_end"],
-        think_start_token_id=ids["think_start"],
-        think_end_token_id=ids["think_end"],
+        **token_id_fields(ids),
     )
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
