@@ -214,6 +214,22 @@ def _convert(args) -> int:
     return 0
 
 
+def layer_main(add_parser, prog: str, argv: list[str] | None = None) -> int:
+    """``python -m keye.<layer>.cli ...``: one layer's subcommands as a module, which torchrun and
+    ``accelerate launch -m`` need; INFO logging, bad input as one line and exit status 2."""
+    from keye.errors import KeyeInputError
+
+    parser = argparse.ArgumentParser(prog=prog)
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyeInputError as e:
+        print(f"keye: error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keye", description="Keye-VL-style video-language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

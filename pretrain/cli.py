@@ -10,7 +10,6 @@ Multi-process: ``accelerate launch -m keye.pretrain.cli pretrain --config ...`` 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 __all__ = ["add_parser", "main"]
@@ -49,17 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keye.pretrain.cli")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from keye.errors import KeyeInputError
+    from keye.cli import layer_main
 
-    try:
-        return args.func(args)
-    except KeyeInputError as e:
-        print(f"keye: error: {e}", file=sys.stderr)
-        return 2
+    return layer_main(add_parser, "python -m keye.pretrain.cli", argv)
 
 
 if __name__ == "__main__":
