@@ -88,6 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     synthetic.add_argument("--seed", type=int, required=True)
     synthetic.add_argument("--n", type=int, required=True, help="number of questions")
     synthetic.add_argument("--data", type=Path, help="where to write the benchmark (default: OUT/benchmark)")
+    synthetic.add_argument(
+        "--max-objects", type=int, help="at most this many shapes per scene (generator default: 4)"
+    )
+    synthetic.add_argument(
+        "--text-prob", type=float, help="share of scenes with on-screen text (generator default: 0.5)"
+    )
     _common(synthetic)
 
     compare = sub.add_parser("compare", help="two finished runs side by side")
@@ -129,7 +135,13 @@ def _build_task(args: argparse.Namespace, out: Path):
         return MLVU(args.data)
     from keye.eval.synthetic import Synthetic
 
-    return Synthetic(seed=args.seed, n=args.n, data=args.data or out / "benchmark")
+    return Synthetic(
+        seed=args.seed,
+        n=args.n,
+        data=args.data or out / "benchmark",
+        max_objects=args.max_objects,
+        text_prob=args.text_prob,
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -38,9 +38,12 @@ PARQUET = "videomme/test-00000-of-00001.parquet"
 MANIFEST = "synthetic.json"
 
 
-def _manifest(seed: int, n: int, size: tuple[int, int], fps: float, duration: float) -> dict[str, Any]:
+def _manifest(
+    seed: int, n: int, size: tuple[int, int], fps: float, duration: float, scene: dict[str, Any]
+) -> dict[str, Any]:
     from keye.synthetic import GENERATOR_VERSION
 
+    # Generator knobs are recorded only when set, so benchmarks written before they existed stay valid.
     return {
         "seed": seed,
         "n": n,
@@ -48,6 +51,7 @@ def _manifest(seed: int, n: int, size: tuple[int, int], fps: float, duration: fl
         "fps": fps,
         "duration": duration,
         "generator_version": GENERATOR_VERSION,
+        **{k: v for k, v in scene.items() if v is not None},
     }
 
 
@@ -59,8 +63,13 @@ def write_synthetic_videomme(
     size: tuple[int, int] = (112, 112),
     fps: float = 8,
     duration: float = 4.0,
+    max_objects: int | None = None,
+    text_prob: float | None = None,
 ) -> Path:
     """Write (or find already written) the synthetic benchmark with ``n`` questions from ``seed``; return ``root``.
+
+    ``max_objects``/``text_prob`` set the generator's difficulty (None: its defaults, 4 objects and text in half the
+    scenes); keye-tiny is trained and measured at ``max_objects=2, text_prob=0`` (see keye.pretrain.tiny).
 
     Idempotent and safe when several processes call it at once: the benchmark is built in a private folder and moved
     into place; a ``root`` already holding the same benchmark (``synthetic.json``) is reused as is.
@@ -72,7 +81,8 @@ def write_synthetic_videomme(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     root = Path(root)
-    manifest = _manifest(seed, n, tuple(size), fps, duration)
+    scene = {"max_objects": max_objects, "text_prob": text_prob}
+    manifest = _manifest(seed, n, tuple(size), fps, duration, scene)
     if (root / MANIFEST).exists():
         found = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
         if found != manifest:
@@ -84,7 +94,13 @@ def write_synthetic_videomme(
     index = 0
     while len(rows) < n:
         sample = make_video_sample(
-            tmp / "data", seed, index=index, size=tuple(size), fps=fps, duration=duration
+            tmp / "data",
+            seed,
+            index=index,
+            size=tuple(size),
+            fps=fps,
+            duration=duration,
+            **{k: v for k, v in scene.items() if v is not None},
         )
         video_id = f"{index + 1:03d}"
         scenes = len(sample.scenes)
@@ -132,6 +148,8 @@ class Synthetic(Task):
     size: tuple[int, int] = (112, 112)
     fps: float = 8
     duration: float = 4.0
+    max_objects: int | None = None
+    text_prob: float | None = None
 
     def __post_init__(self):
         self.data = Path(self.data)
@@ -139,7 +157,14 @@ class Synthetic(Task):
 
     def load(self) -> list[Question]:
         write_synthetic_videomme(
-            self.data, seed=self.seed, n=self.n, size=self.size, fps=self.fps, duration=self.duration
+            self.data,
+            seed=self.seed,
+            n=self.n,
+            size=self.size,
+            fps=self.fps,
+            duration=self.duration,
+            max_objects=self.max_objects,
+            text_prob=self.text_prob,
         )
         return self._bench.load()
 

@@ -512,6 +512,26 @@ def render_video_frames(spec: VideoSpec) -> Iterator[np.ndarray]:
             yield _draw(bg, scene, scene.progress(f))
 
 
+def object_masks(spec: VideoSpec, frame: int) -> tuple[Scene, np.ndarray]:
+    """The scene of frame ``frame`` and its objects' coverage ``(n_objects, H, W)`` in [0, 1] (the sprites' alpha where
+    `render_video_frames` pastes them; a later object hides an earlier one): dense labels for the vision tower."""
+    scene = next(s for s in spec.scenes if s.start_frame <= frame < s.end_frame)
+    h, w = spec.size
+    t = scene.progress(frame) if scene.motion is not None else 0.0
+    masks = np.zeros((len(scene.objects), h, w), np.float32)
+    for k, obj in enumerate(scene.objects):
+        alpha = np.asarray(_sprite(obj.shape, obj.colour, obj.size).getchannel("A"), np.float32) / 255.0
+        cx, cy = obj.position(t)
+        x0, y0 = round(cx - alpha.shape[1] / 2), round(cy - alpha.shape[0] / 2)
+        ys, xs = (
+            slice(max(y0, 0), min(y0 + alpha.shape[0], h)),
+            slice(max(x0, 0), min(x0 + alpha.shape[1], w)),
+        )
+        masks[k, ys, xs] = alpha[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+        masks[:k, ys, xs] *= 1.0 - masks[k, ys, xs]
+    return scene, masks
+
+
 def render_image(spec: VideoSpec) -> np.ndarray:
     """The single frame of an image spec (the first frame of a video spec)."""
     return next(iter(render_video_frames(VideoSpec(spec.size, spec.fps, 1, spec.scenes[:1]))))
@@ -1087,6 +1107,7 @@ def generate_dataset(
     duration: float = 4.0,
     n_scenes: int | None = None,
     max_objects: int = 4,
+    text_prob: float = 0.5,
     per_sample: str = "one",
     workers: int = 1,
     progress: bool = True,
@@ -1115,8 +1136,9 @@ def generate_dataset(
             "duration": duration,
             "n_scenes": n_scenes,
             "max_objects": max_objects,
+            "text_prob": text_prob,
         },
-        "image": {"size": size, "max_objects": max_objects},
+        "image": {"size": size, "max_objects": max_objects, "text_prob": text_prob},
     }
 
     def kind_of(i: int) -> str:

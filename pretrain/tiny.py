@@ -1,8 +1,11 @@
 """Train keye-tiny end to end on 2 CPU cores and write its shipped weights: ``python -m keye.pretrain.tiny``.
 
-    data      synthetic videos (seed 1000) and images (seed 1001), 112x112, 4 s at 8 fps, every question of each:
-              manifests of captions, open answers, Video-MME-style multiple choice, and text-only multiple choice
-    stage 0-3 configs/pretrain/stage{0,1,2,3}_tiny.yaml through the pretraining recipe (each resumable)
+    data      synthetic videos (seed 1000) and images (seed 1001), 112x112, 4 s at 8 fps, at most 2 shapes per scene
+              and no on-screen text (`TINY_DATA`), every question of each: manifests of captions, open answers,
+              Video-MME-style multiple choice, all of a medium's questions as one multi-turn chat, and text-only
+              multiple choice
+    stage 0   keye.pretrain.labels: the vision tower learns the generator's labels per vision token (no LLM)
+    stage 1-3 configs/pretrain/stage{1,2,3}_tiny.yaml through the pretraining recipe (each resumable)
     asset     the four stages' delta files composed into one (vision tower, projector, new token rows, LoRA
               factors: no SmolLM2 weight) -> keye/assets/keye-tiny.safetensors (``--asset`` elsewhere)
     eval      `evaluate_open`: open-ended accuracy per question type on a seed never trained on (the multiple-choice
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import re
 import time
 from collections import defaultdict
@@ -28,8 +32,12 @@ __all__ = ["build_asset", "evaluate_open", "main", "prepare_data"]
 logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
-STAGES = ["stage0_tiny", "stage1_tiny", "stage2_tiny", "stage3_tiny"]
+STAGES = ["stage1_tiny", "stage2_tiny", "stage3_tiny"]
+STAGE0_DIR = Path("runs/keye-tiny/stage0")  # what stage1_tiny.yaml's init_from reads
 TRAIN_SEEDS = {"video": 1000, "image": 1001}
+# keye-tiny's regime of the generator (its training data and the held-out questions it is measured on): at most two
+# shapes per scene, 1-3 scenes, no on-screen text. `keye eval synthetic --max-objects 2 --text-prob 0` asks the same.
+TINY_DATA = {"max_objects": 2, "text_prob": 0.0}
 # The Video-MME prompt, as the harness builds it (keye.eval.videomme; recipes do not import the harness).
 MC_INSTRUCTION = (
     "Select the best answer to the following multiple-choice question based on the video. "
@@ -47,6 +55,25 @@ def _chat(media: dict | None, user: str, answer: str, meta: dict) -> dict:
         ],
         "meta": meta,
     }
+
+
+def _multi_turn(media: dict, sample, rng: random.Random) -> dict:
+    """All of a medium's questions as one chat (each turn open-ended or multiple choice at random): the frames are
+    encoded once for several trained answers."""
+    qas = list(sample.questions)
+    rng.shuffle(qas)
+    messages: list[dict] = []
+    for i, qa in enumerate(qas):
+        if rng.random() < 0.5:
+            user, answer = qa.question, qa.answer
+        else:
+            user, answer = "\n".join([MC_INSTRUCTION, qa.question, *qa.options, MC_CUE]), qa.answer_letter
+        content = [media, {"type": "text", "text": user}] if i == 0 else user
+        messages += [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+    return {"messages": messages, "meta": {"qtype": "multi"}}
 
 
 def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2) -> Path:
@@ -68,13 +95,16 @@ def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2) -> Pa
                 duration=4.0,
                 per_sample="all",
                 workers=workers,
+                **TINY_DATA,
             )
     for kind in ("video", "image"):
         samples = load_samples(root / kind / "samples.jsonl")
         out = defaultdict(list)
+        rng = random.Random(TRAIN_SEEDS[kind])
         for s in samples:
             media = {"type": kind, kind: str(Path(s.media).resolve().relative_to(root.resolve()))}
             out["caption"].append(_chat(media, f"Describe the {kind}.", s.caption, {"qtype": "caption"}))
+            out["multi"].append(_multi_turn(media, s, rng))
             for qa in s.questions:
                 meta = {"qtype": qa.qtype, "answer": qa.answer}
                 out["open"].append(_chat(media, qa.question, qa.answer, meta))
@@ -128,15 +158,18 @@ def evaluate_open(
 ) -> dict:
     """Open-ended accuracy: the question alone, a short greedy answer, correct when it names the true answer and
     no other option. Questions of videos ``syn-video-<seed>-<i>`` in order (as the synthetic benchmark takes them)."""
+    from tqdm.auto import tqdm
+
     from keye.synthetic import make_video_sample
 
     per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     asked, index = 0, 0
     model.eval()
+    bar = tqdm(total=n, desc="open-ended", unit="q")
     while asked < n:
-        s = make_video_sample(media_dir, seed, index=index, size=(112, 112), fps=8, duration=4.0)
+        s = make_video_sample(media_dir, seed, index=index, size=(112, 112), fps=8, duration=4.0, **TINY_DATA)
         index += 1
-        video = processor.load_video(s.media, fps=2.0, max_frames=1365, token_budget=65536)
+        video = processor.load_video(s.media)  # the model's own frame settings, as the harness uses
         for qa in s.questions:
             if asked >= n:
                 break
@@ -158,6 +191,8 @@ def evaluate_open(
             ok = truth in pred and not any(v in pred for v in values if v != truth)
             per[qa.qtype][0] += int(ok)
             per[qa.qtype][1] += 1
+            bar.update()
+    bar.close()
     result = {k: {"correct": c, "n": t, "acc": 100.0 * c / t} for k, (c, t) in sorted(per.items())}
     c = sum(v[0] for v in per.values())
     t = sum(v[1] for v in per.values())
@@ -202,12 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     if not args.eval_only:
-        prepare_data(args.data, args.n_video, args.n_image, args.workers)
-        logger.info("data ready: %.1f min", (time.perf_counter() - t0) / 60)
-        run_stages(args.stages, args.overrides)
+        from keye.pretrain.labels import LabelsConfig, train_labels
         from keye.training import load_config
 
-        dirs = [Path(load_config(CONFIGS / f"{s}.yaml", args.overrides).output_dir) for s in STAGES]
+        prepare_data(args.data, args.n_video, args.n_image, args.workers)
+        logger.info("data ready: %.1f min", (time.perf_counter() - t0) / 60)
+        t1 = time.perf_counter()
+        train_labels(LabelsConfig(data=args.data, output_dir=STAGE0_DIR))
+        logger.info("stage 0 (labels): %.1f min", (time.perf_counter() - t1) / 60)
+        run_stages(args.stages, args.overrides)
+        dirs = [STAGE0_DIR] + [
+            Path(load_config(CONFIGS / f"{s}.yaml", args.overrides).output_dir) for s in STAGES
+        ]
         if all((d / "final" / "weights.safetensors").exists() for d in dirs):
             build_asset(dirs, args.asset)
         logger.info("total: %.1f min", (time.perf_counter() - t0) / 60)

@@ -1,0 +1,274 @@
+"""keye-tiny Stage 0: the vision tower learns the synthetic generator's labels directly, token by token.
+
+Each merged vision token (the 2x2 patches the projector hands the LLM) learns what lies under it: the colours, shapes
+and colour-shape pairs of the objects covering it (multi-label), and the scene's background; pooled per frame, it
+learns how many objects the frame holds. Frames come from the processor exactly as at inference (Slow-Fast sizes
+included), labels from `keye.synthetic.object_masks`. KEYE_TINY.md measured why: a vision tower trained only through
+a frozen 135M LLM stays at chance for a long time, while a direct objective teaches it in minutes.
+
+    python -m keye.pretrain.labels --data runs/keye-tiny/data --out runs/keye-tiny/stage0
+
+writes ``<out>/final/weights.safetensors`` (the vision tower as a delta file, what Stage 1's ``init_from`` reads),
+``metrics.jsonl`` and held-out accuracies in ``<out>/final/eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["LabelHeads", "LabelsConfig", "prepare_examples", "token_targets", "train_labels"]
+
+logger = logging.getLogger(__name__)
+
+MAX_COUNT = 4
+
+
+@dataclass
+class LabelsConfig:
+    data: Path = Path("runs/keye-tiny/data")
+    output_dir: Path = Path("runs/keye-tiny/stage0")
+    steps: int = 800
+    batch: int = 32  # media (videos or images) per step
+    lr: float = 1e-3
+    warmup: int = 20
+    seed: int = 0
+    held_out: int = 100  # media kept for the accuracy report
+    min_share: float = 0.2  # a token shows an object when it holds at least this share of the object's pixels
+
+
+def _vocab():
+    from keye.synthetic import BACKGROUNDS, COLOURS, SHAPES
+
+    colours, shapes = list(COLOURS), list(SHAPES)
+    pairs = [f"{c} {s}" for c in colours for s in shapes]
+    return colours, shapes, pairs, list(BACKGROUNDS)
+
+
+class LabelHeads(nn.Module):
+    """Linear read-outs of merged vision tokens: multi-label colour/shape/pair, background, and a frame's count."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        colours, shapes, pairs, backgrounds = _vocab()
+        self.sizes = (len(colours), len(shapes), len(pairs))
+        self.norm = nn.LayerNorm(dim)
+        self.multi = nn.Linear(dim, sum(self.sizes))
+        self.background = nn.Linear(dim, len(backgrounds))
+        self.count = nn.Linear(dim, MAX_COUNT + 1)
+
+    def forward(self, tokens: torch.Tensor, frame_of: torch.Tensor, n_frames: int):
+        x = self.norm(tokens)
+        pooled = torch.zeros(n_frames, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, frame_of, x)
+        pooled = pooled / torch.bincount(frame_of, minlength=n_frames).clamp(min=1)[:, None].to(x.dtype)
+        return self.multi(x), self.background(x), self.count(pooled)
+
+
+def token_targets(spec, frame: int, grid_hw: tuple[int, int], min_share: float) -> dict[str, torch.Tensor]:
+    """Targets of one frame's merged tokens (row-major ``grid_hw``): ``multi`` (T, colours+shapes+pairs) 0/1,
+    ``background`` (T,) and ``count`` () class ids."""
+    from keye.synthetic import object_masks
+
+    colours, shapes, pairs, backgrounds = _vocab()
+    scene, masks = object_masks(spec, frame)
+    cover = F.adaptive_avg_pool2d(torch.from_numpy(masks), grid_hw) * (masks.shape[1] * masks.shape[2])
+    cover = cover / cover.sum(dim=(1, 2), keepdim=True).clamp(
+        min=1e-6
+    )  # share of each object's pixels per token
+    present = (cover >= min_share).flatten(1).T  # (T, n_objects)
+    n_tok = present.shape[0]
+    multi = torch.zeros(n_tok, len(colours) + len(shapes) + len(pairs))
+    for k, obj in enumerate(scene.objects):
+        rows = present[:, k]
+        multi[rows, colours.index(obj.colour)] = 1
+        multi[rows, len(colours) + shapes.index(obj.shape)] = 1
+        multi[rows, len(colours) + len(shapes) + pairs.index(f"{obj.colour} {obj.shape}")] = 1
+    return {
+        "multi": multi,
+        "background": torch.full((n_tok,), backgrounds.index(scene.background)),
+        "count": torch.tensor(min(len(scene.objects), MAX_COUNT)),
+    }
+
+
+def prepare_examples(data: Path, processor, min_share: float) -> list[dict]:
+    """One example per medium of ``data/{video,image}/samples.jsonl``: the processor's patches and grids, and the
+    targets of every frame (video frames as Slow-Fast sampled them)."""
+    from keye.synthetic import load_samples
+
+    examples = []
+    for kind in ("video", "image"):
+        path = Path(data) / kind / "samples.jsonl"
+        if not path.exists():
+            continue
+        samples = load_samples(path)
+        for s in tqdm(samples, desc=f"stage 0 labels ({kind})", unit="sample"):
+            if kind == "video":
+                video = processor.load_video(s.media)
+                frames = [f.index for f in video.plan.frames]
+                inputs = processor([{"role": "user", "content": [{"type": "video", "video": video}]}])
+                pix, grid = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+            else:
+                frames = [0]
+                inputs = processor([{"role": "user", "content": [{"type": "image", "image": s.media}]}])
+                pix, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+            if grid.shape[0] != len(frames):
+                raise ValueError(f"{s.media}: {grid.shape[0]} grid rows for {len(frames)} frames")
+            spec = s.spec
+            targets = [
+                token_targets(spec, f, (int(h) // 2, int(w) // 2), min_share)
+                for f, (_, h, w) in zip(frames, grid.tolist())
+            ]
+            examples.append(
+                {
+                    "pixel_values": pix,
+                    "grid_thw": grid,
+                    "multi": torch.cat([t["multi"] for t in targets]),
+                    "background": torch.cat([t["background"] for t in targets]),
+                    "count": torch.stack([t["count"] for t in targets]),
+                }
+            )
+    return examples
+
+
+def _collate(examples: list[dict]) -> dict:
+    grid = torch.cat([e["grid_thw"] for e in examples])
+    tokens_per_frame = (grid[:, 1] * grid[:, 2] // 4).tolist()
+    frame_of = torch.repeat_interleave(torch.arange(len(tokens_per_frame)), torch.tensor(tokens_per_frame))
+    return {
+        "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
+        "grid_thw": grid,
+        "frame_of": frame_of,
+        "multi": torch.cat([e["multi"] for e in examples]),
+        "background": torch.cat([e["background"] for e in examples]),
+        "count": torch.cat([e["count"] for e in examples]),
+    }
+
+
+def _forward(model, heads: LabelHeads, batch: dict):
+    feats = model.vision(batch["pixel_values"], batch["grid_thw"])
+    tokens = model.projector.merge_patches(feats, batch["grid_thw"])
+    return heads(tokens, batch["frame_of"], batch["grid_thw"].shape[0])
+
+
+def _loss(out, batch: dict) -> torch.Tensor:
+    multi, background, count = out
+    return (
+        F.binary_cross_entropy_with_logits(multi, batch["multi"], reduction="sum") / multi.shape[0]
+        + F.cross_entropy(background, batch["background"])
+        + F.cross_entropy(count, batch["count"])
+    )
+
+
+@torch.no_grad()
+def evaluate(model, heads: LabelHeads, examples: list[dict]) -> dict[str, float]:
+    """Held-out accuracy: exact token label sets (colours, shapes, pairs), background per token, count per frame."""
+    if not examples:
+        return {}
+    batch = _collate(examples)
+    multi, background, count = _forward(model, heads, batch)
+    pred = multi > 0
+    nc, ns, _ = heads.sizes
+    parts = {"colours": slice(0, nc), "shapes": slice(nc, nc + ns), "pairs": slice(nc + ns, None)}
+    result = {
+        f"token_{name}": float((pred[:, sl] == batch["multi"][:, sl].bool()).all(1).float().mean())
+        for name, sl in parts.items()
+    }
+    result["token_background"] = float((background.argmax(1) == batch["background"]).float().mean())
+    result["frame_count"] = float((count.argmax(1) == batch["count"]).float().mean())
+    return {k: round(100 * v, 2) for k, v in result.items()}
+
+
+def train_labels(cfg: LabelsConfig) -> Path:
+    """Run Stage 0 and write ``<output_dir>/final`` (skipped when it is already there)."""
+    from safetensors.torch import save_file
+
+    from keye.modeling import KeyeForConditionalGeneration
+    from keye.processing import KeyeProcessor
+    from keye.training.model import keye_tiny_base
+
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    if (final / "weights.safetensors").exists():
+        logger.info("stage 0 labels: already trained (%s)", final)
+        return final
+    torch.manual_seed(cfg.seed)
+    folder = keye_tiny_base()
+    model = KeyeForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    processor = KeyeProcessor.from_pretrained(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "examples.pt"
+    if cache.exists():
+        examples = torch.load(cache)
+    else:
+        examples = prepare_examples(cfg.data, processor, cfg.min_share)
+        torch.save(examples, cache)
+    held, train = examples[: cfg.held_out], examples[cfg.held_out :]
+    heads = LabelHeads(4 * model.config.vision.hidden_size)
+    params = [*model.vision.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / cfg.warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / cfg.steps)).item()))
+        ),
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.vision.train()
+    t0 = time.perf_counter()
+    with open(out / "metrics.jsonl", "w") as log, tqdm(range(cfg.steps), desc="stage 0 labels") as bar:
+        for step in bar:
+            idx = torch.randint(len(train), (cfg.batch,), generator=gen).tolist()
+            batch = _collate([train[i] for i in idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+                loss = _loss(_forward(model, heads, batch), batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
+    model.vision.eval()
+    scores = evaluate(model, heads, held)
+    logger.info(
+        "stage 0 labels: %d steps, %.1f min; held-out %s", cfg.steps, (time.perf_counter() - t0) / 60, scores
+    )
+    tmp = out / ".final.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    delta = {f"vision.{k}": v.detach().clone().contiguous() for k, v in model.vision.state_dict().items()}
+    save_file(delta, str(tmp / "weights.safetensors"))
+    (tmp / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+    tmp.rename(final)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m keye.pretrain.labels", description=__doc__.split("\n\n")[0]
+    )
+    defaults = LabelsConfig()
+    parser.add_argument("--data", type=Path, default=defaults.data)
+    parser.add_argument("--out", type=Path, default=defaults.output_dir)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train_labels(
+        LabelsConfig(data=args.data, output_dir=args.out, steps=args.steps, batch=args.batch, lr=args.lr)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

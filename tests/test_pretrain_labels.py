@@ -1,0 +1,93 @@
+"""keye-tiny Stage 0 (keye.pretrain.labels): dense labels agree with the rendered pixels, and a few steps of the
+vision tower on them lower the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from keye.pretrain.labels import LabelHeads, _collate, _forward, _loss, prepare_examples, token_targets
+from keye.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    VideoSpec,
+    generate_dataset,
+    make_video_spec,
+    object_masks,
+    render_video_frames,
+)
+
+
+def test_object_masks_cover_exactly_the_object_pixels():
+    spec = make_video_spec(3, index=5, max_objects=3, text_prob=0.0)
+    frames = list(render_video_frames(spec))
+    for f in (0, len(frames) // 2, len(frames) - 1):
+        scene, masks = object_masks(spec, f)
+        assert masks.shape == (len(scene.objects), *spec.size)
+        for k, obj in enumerate(scene.objects):
+            inside = frames[f][masks[k] > 0.99].astype(float)
+            assert len(inside) > 20
+            np.testing.assert_allclose(inside.mean(0), COLOURS[obj.colour], atol=3)
+        outside = frames[f][masks.sum(0) == 0].astype(float)
+        bg = np.asarray(BACKGROUNDS[scene.background][0], float)
+        assert np.abs(outside - bg).max(1).mean() < 40  # the background gradient, no object colour
+
+
+def test_token_targets_of_a_known_layout():
+    # One red square (20 px) centred in the top-left 28x28 cell of a 112x112 frame; one blue star in the bottom-right.
+    objs = [
+        SceneObject("square", "red", 20, (14.0, 14.0), (14.0, 14.0)),
+        SceneObject("star", "blue", 20, (98.0, 98.0), (98.0, 98.0)),
+    ]
+    spec = VideoSpec((112, 112), 8.0, 4, [Scene(0, 4, "navy", objs, None, None, None, None)])
+    t = token_targets(spec, 0, (4, 4), min_share=0.2)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    nc = len(colours)
+    multi = t["multi"].view(4, 4, -1)
+    assert multi[0, 0, colours.index("red")] == 1 and multi[0, 0, nc + shapes.index("square")] == 1
+    assert multi[3, 3, colours.index("blue")] == 1 and multi[3, 3, nc + shapes.index("star")] == 1
+    assert multi[0, 0].sum() == 3 and multi[3, 3].sum() == 3  # colour, shape, pair
+    assert multi.sum() == 6  # nothing elsewhere
+    assert (t["background"] == list(BACKGROUNDS).index("navy")).all() and int(t["count"]) == 2
+    # A fast frame's 2x2 grid: the same objects, coarser cells.
+    coarse = token_targets(spec, 0, (2, 2), min_share=0.2)["multi"].view(2, 2, -1)
+    assert coarse[0, 0, colours.index("red")] == 1 and coarse[1, 1, colours.index("blue")] == 1
+    assert coarse[0, 1].sum() == 0 and coarse[1, 0].sum() == 0
+
+
+def test_a_few_steps_on_the_labels_lower_the_loss(tmp_path):
+    from keye.pretrained import load_pretrained
+
+    for kind, n in (("video", 3), ("image", 3)):
+        generate_dataset(
+            tmp_path / kind,
+            seed=7,
+            n=n,
+            kinds=(kind,),
+            per_sample="all",
+            max_objects=2,
+            text_prob=0.0,
+            progress=False,
+        )
+    model, processor = load_pretrained("keye-tiny")
+    examples = prepare_examples(tmp_path, processor, min_share=0.2)
+    assert len(examples) == 6
+    for e in examples:  # one target row per merged token, one count per frame
+        assert e["multi"].shape[0] == int((e["grid_thw"][:, 1] * e["grid_thw"][:, 2]).sum()) // 4
+        assert e["count"].shape[0] == e["grid_thw"].shape[0]
+    torch.manual_seed(0)
+    heads = LabelHeads(4 * model.config.vision.hidden_size)
+    params = [*model.vision.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    batch = _collate(examples)
+    losses = []
+    for _ in range(8):
+        loss = _loss(_forward(model, heads, batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
