@@ -43,12 +43,14 @@ def _merge_lora(args: argparse.Namespace) -> int:
 def prepare_data(out: str, seed: int = 0, n: int = 64, size: int = 112, duration: float = 2.0) -> dict:
     """Synthetic post-training data under ``out``: ``media/`` (videos and images with every question), SFT
     ``think.jsonl`` / ``no_think.jsonl``, RL ``rl_prompts.jsonl`` (multiple choice, with hints), ``rl_heldout.jsonl``
-    (another seed) and ``pairs.jsonl`` (preference pairs)."""
+    (another seed), ``pairs.jsonl`` (preference pairs), and the Thyme tool-use task (`write_tool_task`: zoom into a
+    corner, measure a width) as ``thyme_prompts.jsonl`` / ``thyme_heldout.jsonl``."""
     from pathlib import Path
 
     from keye.posttrain.dpo import write_preference_pairs
     from keye.posttrain.rl import write_rl_prompts
     from keye.posttrain.sft import write_thinking_mix
+    from keye.posttrain.thyme import write_tool_task
     from keye.synthetic import generate_dataset
 
     out = Path(out)
@@ -62,6 +64,10 @@ def prepare_data(out: str, seed: int = 0, n: int = 64, size: int = 112, duration
     paths["rl_prompts"] = write_rl_prompts(mc, out / "rl_prompts.jsonl")
     paths["rl_heldout"] = write_rl_prompts(held, out / "rl_heldout.jsonl")
     paths["pairs"] = write_preference_pairs(mc, out / "pairs.jsonl", seed=seed)
+    thyme = write_tool_task(out / "thyme", n=n, seed=seed, size=size)
+    thyme_held = write_tool_task(out / "thyme_heldout", n=max(8, n // 4), seed=seed + 10_000, size=size)
+    paths["thyme_prompts"] = write_rl_prompts(thyme, out / "thyme_prompts.jsonl")
+    paths["thyme_heldout"] = write_rl_prompts(thyme_held, out / "thyme_heldout.jsonl")
     return paths
 
 

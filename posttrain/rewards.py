@@ -46,6 +46,7 @@ __all__ = [
     "extract_answer",
     "make_verifier",
     "normalize_answer",
+    "numbers_in",
     "parse_number",
     "register_verifier",
     "score_groups",
@@ -133,12 +134,9 @@ _NUMBER = re.compile(
 )
 
 
-def parse_number(text: str) -> float | None:
-    """The one number ``text`` states, or ``None`` when it states none or several different ones ("3 or 4").
-
-    Digits (with a sign, thousands separators, decimals, an exponent, or as a fraction ``a/b``) and number words up to
-    ninety ("seven") both count; the same value written twice ("3 (three)") is one number.
-    """
+def numbers_in(text: str) -> set[float] | None:
+    """Every number ``text`` states (as `parse_number` reads them), or ``None`` when one of them cannot be scored
+    ("1/0"). ``"size (60, 40)"`` -> ``{60.0, 40.0}``."""
     text = unicodedata.normalize("NFKC", text)
     values: set[float] = set()
     for m in _NUMBER.finditer(text):
@@ -150,7 +148,17 @@ def parse_number(text: str) -> float | None:
     for word in re.findall(r"[a-z]+", text.lower()):
         if word in _NUMBER_WORDS:
             values.add(float(_NUMBER_WORDS[word]))
-    return values.pop() if len(values) == 1 else None
+    return values
+
+
+def parse_number(text: str) -> float | None:
+    """The one number ``text`` states, or ``None`` when it states none or several different ones ("3 or 4").
+
+    Digits (with a sign, thousands separators, decimals, an exponent, or as a fraction ``a/b``) and number words up to
+    ninety ("seven") both count; the same value written twice ("3 (three)") is one number.
+    """
+    values = numbers_in(text)
+    return values.pop() if values is not None and len(values) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,17 @@ measured (``rl.prefilter_samples`` responses) and only prompts solved sometimes 
 ``reward.png`` and, with ``rl.eval_manifest``, held-out greedy accuracy before and after (``eval.jsonl``).
 
 Limits: one process (sampling is per prompt; data parallel RL is future work); the replay buffer is not checkpointed
-(it restarts empty on resume). Not for the losses, rewards, hints or sampling themselves: `keye.posttrain.gspo`,
-``rewards``, ``hints``, ``filtering``, ``rollout``.
+(it restarts empty on resume).
+
+Thyme tool use (``rl.tools.enabled``, `ToolsConfig`): each response is a multi-round conversation in which the model's
+``<code>`` blocks run in the sandbox and their output comes back (`keye.posttrain.thyme`); text is sampled at
+``rl.temperature``, code at ``rl.tools.code_temperature`` (GRPO-ATS); the loss covers the model's tokens only, scored
+under the temperature each was sampled at; the reward is Thyme's R_result x (1 + 0.5 R_consistency) + 0.5 R_format
+(`keye.posttrain.ats.thyme_score`), R_result being the ``rl.rewards`` verifiers on the final turn. The ``rl.success``
+verifier reads the final turn too. Not with RLEP replay yet.
+
+Not for the losses, rewards, hints or sampling themselves: `keye.posttrain.gspo`, ``rewards``, ``hints``,
+``filtering``, ``rollout``, ``thyme``.
 """
 
 from __future__ import annotations
@@ -24,7 +33,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +44,16 @@ from typing import Any
 import torch
 
 from keye.errors import ConfigError
+from keye.posttrain.ats import thyme_score
 from keye.posttrain.filtering import ReplayBuffer, filter_by_pass_rate
 from keye.posttrain.gspo import group_advantages, gspo_loss
 from keye.posttrain.hints import HintLevel, sample_with_hints
 from keye.posttrain.rewards import Reference, RewardSpec, build_reward, make_verifier
 from keye.posttrain.rollout import GroupRollout, policy_logprobs, sample_group
 from keye.posttrain.sft import PostTrainConfig, PostTrainer, resolve_media
+from keye.posttrain.thyme import ToolGroupRollout, sample_tool_group, tool_metrics, tool_response
+from keye.tools.loop import TOOL_SYSTEM_PROMPT
+from keye.tools.sandbox import SandboxConfig
 from keye.training import load_config
 from keye.training.data import ManifestSource, MixSchedule
 
@@ -49,6 +65,7 @@ __all__ = [
     "RLConfig",
     "RLTrainer",
     "RewardTermConfig",
+    "ToolsConfig",
     "evaluate_accuracy",
     "plot_rewards",
     "reference_of",
@@ -65,6 +82,35 @@ class RewardTermConfig:
     name: str = "choice"
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ToolsConfig:
+    """Thyme tool use in rollouts (off by default): the model may run Python on the images in the sandbox."""
+
+    enabled: bool = False
+    max_rounds: int = 4  # code rounds per response; after that an answer is demanded (Thyme: about 4)
+    # GRPO-ATS: code between <code> and </code> is sampled at this temperature (0: greedy), text at rl.temperature
+    code_temperature: float = 0.0
+    timeout_s: float = 10.0  # sandbox wall clock per snippet (the CPU limit follows it)
+    memory_mb: int = 1024  # sandbox address-space limit per process
+    # Tells the model the turn format and the image_path variable
+    system_prompt: str = TOOL_SYSTEM_PROMPT
+
+    def __post_init__(self):
+        if self.max_rounds < 1:
+            raise ConfigError("rl.tools.max_rounds", f"must be >= 1, got {self.max_rounds}")
+        if self.code_temperature < 0:
+            raise ConfigError("rl.tools.code_temperature", f"must be >= 0, got {self.code_temperature}")
+        if self.timeout_s <= 0 or self.memory_mb <= 0:
+            raise ConfigError("rl.tools", "timeout_s and memory_mb must be positive")
+
+    def sandbox(self) -> SandboxConfig:
+        return SandboxConfig(
+            timeout_s=self.timeout_s,
+            cpu_seconds=max(1, math.ceil(self.timeout_s)),
+            memory_bytes=self.memory_mb << 20,
+        )
 
 
 @dataclass
@@ -99,6 +145,7 @@ class GSPOConfig:
         None  # held-out prompts: greedy accuracy (the success verifier) before and after
     )
     eval_n: int = 50
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
 
     def __post_init__(self):
         if self.variant not in ("sequence", "token"):
@@ -113,6 +160,21 @@ class GSPOConfig:
                 make_verifier(name)  # an unknown verifier is a config error now, not at step 1
             except KeyError as e:
                 raise ConfigError("rl.rewards", str(e)) from e
+        if self.tools.enabled:
+            if self.replay_per_prompt > 0:
+                raise ConfigError(
+                    "rl.replay_per_prompt", "RLEP replay is not supported with rl.tools.enabled; set 0"
+                )
+            if "format" in names:
+                raise ConfigError(
+                    "rl.rewards", "with rl.tools.enabled the format term is Thyme's R_format; drop 'format'"
+                )
+            if self.top_p != 1.0 or self.top_k != 0:
+                raise ConfigError(
+                    "rl.top_p", "tool rollouts sample untruncated (GRPO-ATS); keep top_p 1.0 and top_k 0"
+                )
+            if self.temperature <= 0:
+                raise ConfigError("rl.temperature", f"text must be sampled (> 0), got {self.temperature}")
 
 
 @dataclass
@@ -177,10 +239,20 @@ def _pad_cat(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_accuracy(
-    model, processor, manifest: str | Path, success, *, n: int, max_new_tokens: int, think, overrides: dict
+    model,
+    processor,
+    manifest: str | Path,
+    success,
+    *,
+    n: int,
+    max_new_tokens: int,
+    think,
+    overrides: dict,
+    respond: Callable[[list[dict]], str] | None = None,
 ) -> dict:
     """Greedy decoding on the first ``n`` lines of ``manifest``: ``{"accuracy", "n", "by_qtype": {qtype: accuracy}}``,
-    a response counting as correct when ``success`` scores it >= 1."""
+    a response counting as correct when ``success`` scores it >= 1. ``respond(messages) -> text`` replaces the one
+    greedy ``generate`` call (the tool loop does: `keye.posttrain.thyme.tool_response`)."""
     from collections import Counter
 
     from keye.training.config import DataConfig, SourceConfig
@@ -193,10 +265,13 @@ def evaluate_accuracy(
     for row in range(min(n, len(source))):
         _pid, messages, ref, _ = stream.entry(0, row)
         qtype = str((source[row][1].get("meta") or {}).get("qtype", "all"))
-        enc = processor(messages, think=think, **overrides)
-        inputs = {k: v.to(model.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-        text = processor.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        if respond is not None:
+            text = respond(messages)
+        else:
+            enc = processor(messages, think=think, **overrides)
+            inputs = {k: v.to(model.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+            text = processor.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         hits[qtype] += float(success(text, ref)) >= 1.0
         total[qtype] += 1
     model.train(was_training)
@@ -282,6 +357,25 @@ class RLTrainer(PostTrainer):
     # ------------------------------------------------------------------------------------------------ sampling
     def _sample(self, messages: list[dict], g: int | None = None) -> GroupRollout:
         rl = self.cfg.rl
+        if rl.tools.enabled:
+            # The sandbox's images are processed as they come back: the folder can go with the group.
+            with tempfile.TemporaryDirectory(prefix="keye-thyme-") as tmp:
+                return sample_tool_group(
+                    self._unwrapped(),
+                    self.processor,
+                    messages,
+                    g or rl.group_size,
+                    max_rounds=rl.tools.max_rounds,
+                    max_new_tokens=rl.max_new_tokens,
+                    sandbox=rl.tools.sandbox(),
+                    out_dir=tmp,
+                    system=rl.tools.system_prompt,
+                    temperature=rl.temperature,
+                    code_temperature=rl.tools.code_temperature,
+                    think=rl.think,
+                    autocast=self.acc.autocast,
+                    **self.overrides,
+                )
         return sample_group(
             self._unwrapped(),
             self.processor,
@@ -294,6 +388,13 @@ class RLTrainer(PostTrainer):
             think=rl.think,
             **self.overrides,
         )
+
+    def _rewards(self, rollout: GroupRollout, ref: Reference) -> list[float]:
+        """The configured reward of each response; for tool conversations Thyme's (kept in ``rollout.scores``)."""
+        if isinstance(rollout, ToolGroupRollout):
+            rollout.scores = [thyme_score(t, self.reward, ref) for t in rollout.traces]
+            return [s.reward for s in rollout.scores]
+        return [float(self.reward(t, ref)) for t in rollout.texts]
 
     def _prefilter(self) -> None:
         """Keep the prompts whose pass rate over ``prefilter_samples`` responses is strictly in (0, 1); the result is
@@ -368,6 +469,22 @@ class RLTrainer(PostTrainer):
         rl = self.cfg.rl
         if not rl.eval_manifest:
             return None
+        respond = None
+        if rl.tools.enabled:
+
+            def respond(messages):
+                return tool_response(
+                    self._unwrapped(),
+                    self.processor,
+                    messages,
+                    max_rounds=rl.tools.max_rounds,
+                    max_new_tokens=rl.max_new_tokens,
+                    sandbox=rl.tools.sandbox(),
+                    system=rl.tools.system_prompt,
+                    think=rl.think,
+                    **self.overrides,
+                )
+
         return evaluate_accuracy(
             self._unwrapped(),
             self.processor,
@@ -377,6 +494,7 @@ class RLTrainer(PostTrainer):
             max_new_tokens=rl.max_new_tokens,
             think=rl.think,
             overrides=self.overrides,
+            respond=respond,
         )
 
     def _log_eval(self, when: str, result: dict | None) -> None:
@@ -385,6 +503,12 @@ class RLTrainer(PostTrainer):
         logger.info("held-out accuracy %s: %.3f (%d prompts)", when, result["accuracy"], result["n"])
         with open(self.out / "eval.jsonl", "a") as fh:
             fh.write(json.dumps({"when": when, "step": self.step, **result}) + "\n")
+
+    def _log_traces(self, rollout: ToolGroupRollout, rewards: list[float]) -> None:
+        """The step's first group of tool conversations, one JSON line each, to ``tool_traces.jsonl``."""
+        with open(self.out / "tool_traces.jsonl", "a") as fh:
+            for trace, score in zip(rollout.traces, rollout.scores):
+                fh.write(json.dumps({"step": self.step, **score.as_dict(), "trace": trace.to_dict()}) + "\n")
 
     def train(self) -> list[dict]:
         from tqdm.auto import tqdm
@@ -415,7 +539,7 @@ class RLTrainer(PostTrainer):
                     cumulative=rl.cumulative_hints,
                 )
                 rollout = hinted.group
-                rewards = [float(self.reward(t, ref)) for t in rollout.texts]
+                rewards = self._rewards(rollout, ref)
                 successes_all.extend(hinted.rewards)
                 rewards_all.extend(rewards)
                 levels.append(int(hinted.level))
@@ -475,6 +599,9 @@ class RLTrainer(PostTrainer):
             if stats:
                 for key in ("ratio_mean", "ratio_min", "ratio_max", "clip", "kl"):
                     m[key] = sum(getattr(s, key) for s in stats) / len(stats)
+            if rl.tools.enabled:
+                m.update(tool_metrics([r for r, _ in groups]))
+                self._log_traces(groups[0][0], groups[0][1])
             self.metrics.append(m)
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(m) + "\n")
@@ -513,7 +640,8 @@ def synthetic_hints(meta: dict) -> dict[str, str]:
 
 def write_rl_prompts(manifest: str | Path, out: str | Path, *, qtypes: list[str] | None = None) -> Path:
     """RL prompts from a synthetic chat manifest: the lines with a verifiable answer (not captions; only ``qtypes``
-    if given), each with ``meta.hints``. Media paths stay valid when ``out`` is in the manifest's folder."""
+    if given), each with ``meta.hints`` (a line's own, else `synthetic_hints`). Media paths are rewritten relative to
+    ``out``'s folder."""
     import os
 
     manifest, out = Path(manifest), Path(out)
@@ -525,7 +653,7 @@ def write_rl_prompts(manifest: str | Path, out: str | Path, *, qtypes: list[str]
         if meta.get("qtype") == "caption" or (qtypes and meta.get("qtype") not in qtypes):
             continue
         rec["messages"] = resolve_media(rec["messages"], rel)
-        rec["meta"] = {**meta, "hints": synthetic_hints(meta)}
+        rec["meta"] = {**meta, "hints": meta.get("hints") or synthetic_hints(meta)}
         lines.append(rec)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -11,7 +11,9 @@ importance ratio needs.
 `response_logprobs` turns a forward pass's logits into per-token log-probs of the response tokens, and
 `policy_logprobs` runs that forward pass for a `GroupRollout` (with grad, for the loss); both score tokens under the
 model's distribution at the sampling temperature, ``softmax(logits / temperature)``, without top-k/top-p truncation:
-the truncated sampler is an implementation detail of exploration, and the importance ratio compares policies.
+the truncated sampler is an implementation detail of exploration, and the importance ratio compares policies. A
+rollout sampled with per-token temperatures (GRPO-ATS, `keye.posttrain.thyme`) carries them in
+``GroupRollout.temperatures`` and is scored under them (`keye.posttrain.ats.tempered_logprobs`).
 
 Not for rewards, advantages or the update: `keye.posttrain.rewards`, `keye.posttrain.gspo` and the ``keye rl`` recipe.
 TRL's GRPO trainer does the same for text and images but has no video input, which is why this exists.
@@ -25,19 +27,25 @@ import torch
 from transformers import BatchFeature
 
 from keye.modeling import KeyeForConditionalGeneration
+from keye.posttrain.ats import tempered_logprobs
 from keye.processing import KeyeProcessor
 
 __all__ = ["GroupRollout", "mask_after_eos", "policy_logprobs", "response_logprobs", "sample_group"]
 
 
 def response_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float = 1.0
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Log-probs of the response tokens, aligned with the tokens they score: ``out[b, t] = log p(input_ids[b, t] |
     input_ids[b, :t])`` (read from ``logits[b, t - 1]``) where ``response_mask[b, t]``, else 0.
 
     ``logits`` ``(B, T, V)``, ``input_ids`` and ``response_mask`` ``(B, T)`` -> ``(B, T)`` float32. Only the masked
-    positions are normalised over the vocabulary, so a long prompt (a video) costs nothing here.
+    positions are normalised over the vocabulary, so a long prompt (a video) costs nothing here. ``temperature``: one
+    for every token, or ``(B, T)`` per token, aligned like ``input_ids`` (0 = greedy, see `tempered_logprobs`).
     """
     if logits.shape[:2] != input_ids.shape or input_ids.shape != response_mask.shape:
         raise ValueError(
@@ -50,9 +58,17 @@ def response_logprobs(
             "response_mask marks position 0, which no logit predicts; a response follows a prompt"
         )
     predicted = mask[:, 1:]  # (B, T-1): positions 1.. are predicted by the logits at 0..T-2
-    rows = logits[:, :-1][predicted].float() / temperature  # (N, V) only the response positions
+    rows = logits[:, :-1][predicted]  # (N, V) only the response positions
     targets = input_ids[:, 1:][predicted]  # (N,)
-    lp = rows.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)  # (N,)
+    if isinstance(temperature, torch.Tensor):
+        if temperature.shape != input_ids.shape:
+            raise ValueError(
+                f"temperature {tuple(temperature.shape)} must be a number or (B, T) like input_ids"
+            )
+        temps = temperature.to(logits.device)[:, 1:][predicted]  # (N,)
+    else:
+        temps = torch.full(targets.shape, float(temperature), device=logits.device)  # (N,)
+    lp = tempered_logprobs(rows, targets, temps)  # (N,)
     shifted = torch.zeros(predicted.shape, dtype=lp.dtype, device=lp.device).masked_scatter(predicted, lp)
     return torch.cat([shifted.new_zeros(shifted.shape[0], 1), shifted], dim=1)  # (B, T)
 
@@ -65,7 +81,9 @@ class GroupRollout:
     inputs); ``response_ids`` (G, R): sampled tokens, padded after the end-of-sequence token; ``response_mask`` (G, R):
     1 on each response's tokens up to and including its end-of-sequence token; ``old_logps`` (G, R): their log-probs
     under the sampling policy at ``temperature`` (0 where masked); ``texts``: the decoded responses, special tokens and
-    the end-of-sequence token removed; ``messages``: the prompt messages sampled from (with any hint).
+    the end-of-sequence token removed; ``messages``: the prompt messages sampled from (with any hint);
+    ``temperatures`` (G, R): each token's sampling temperature when it varied within a response (GRPO-ATS), which
+    then replaces ``temperature`` in `policy_logprobs`.
     """
 
     prompt: BatchFeature
@@ -75,6 +93,7 @@ class GroupRollout:
     texts: list[str]
     temperature: float
     messages: list[dict] = field(default_factory=list)
+    temperatures: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
@@ -119,7 +138,11 @@ def policy_logprobs(model: KeyeForConditionalGeneration, rollout: GroupRollout) 
     mask = torch.cat(
         [torch.zeros_like(rollout.response_mask[:, :1]), rollout.response_mask], dim=1
     )  # (G, R+1)
-    return response_logprobs(logits, ids, mask.to(logits.device), temperature=rollout.temperature)[:, 1:]
+    temperature = rollout.temperature
+    if rollout.temperatures is not None:
+        # (G, R) -> (G, R+1), aligned with ids; the first column is never read
+        temperature = torch.nn.functional.pad(rollout.temperatures, (1, 0), value=1.0)
+    return response_logprobs(logits, ids, mask.to(logits.device), temperature=temperature)[:, 1:]
 
 
 def mask_after_eos(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:

@@ -1,0 +1,495 @@
+"""Thyme RL rollouts for ``keye rl`` with ``rl.tools.enabled``: each response is a multi-round tool conversation.
+
+For each of a group's G responses, `run_tool_loop` (the same loop as ``keye chat --tools``) drives a
+`ToolSamplingSession`, a `ChatSession` that samples with GRPO-ATS (`CodeTemperatureProcessor`: text at
+``rl.temperature``, code between ``<code>`` and ``</code>`` at ``rl.tools.code_temperature``, 0 = greedy), ends a turn
+at ``</code>`` (the environment answers there, as in Thyme) and records, turn by turn, where the model's tokens start,
+the temperature each was sampled at, and the turn's image inputs. `build_tool_group` lays the G conversations out as
+one `ToolGroupRollout`::
+
+    prompt (1, P)          system + images + question: the same for every row
+    response_ids (G, R)    model turn | <|im_end|> + sandbox turn (text + images) + assistant header | model turn | pad
+    response_mask (G, R)   1 on the model's own tokens only: the loss never covers sandbox output or chat scaffolding
+    attention_mask (G, R)  1 on every real token, 0 on padding
+    temperatures (G, R)    each model token's sampling temperature (the loss scores it under the same one)
+    + each row's M-RoPE positions and the images its sandbox produced, as pixel inputs
+
+`keye.posttrain.rollout.policy_logprobs` scores it like a plain group. The old log-probs are computed once after
+sampling by that same full forward (no grad), not read from the generation logits: a conversation is generated in
+several KV-cached calls, and the loss's forward is the reference the ratio must agree with. Rewards:
+`keye.posttrain.ats.thyme_score`. `write_tool_task` writes a small synthetic task on which code helps.
+
+Limits: the G conversations are sampled one after another (batching rows whose rounds diverge is future work); the
+prompt must be one user turn with images (no video: the sandbox works on image files). Not for the loss or the
+trainer (``keye.posttrain.rl``), nor for the sandbox or the turn format (``keye.tools``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
+
+from keye.chat import ChatSession, Reply
+from keye.posttrain.ats import CODE_CLOSE, CodeTemperatureProcessor, ThymeScore
+from keye.posttrain.rollout import GroupRollout, policy_logprobs
+from keye.tools.loop import TOOL_SYSTEM_PROMPT, ToolTrace, run_tool_loop
+from keye.tools.sandbox import SandboxConfig
+
+__all__ = [
+    "SampledTurn",
+    "StopAtCodeClose",
+    "ToolConversation",
+    "ToolGroupRollout",
+    "ToolSamplingSession",
+    "build_tool_group",
+    "sample_tool_group",
+    "tool_metrics",
+    "tool_prompt",
+    "tool_response",
+    "write_tool_task",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling one conversation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampledTurn:
+    """One model turn of a conversation: its tokens are ``ids[start : start + length]`` of the whole conversation."""
+
+    start: int
+    length: int
+    temperatures: torch.Tensor  # (length,)
+
+
+@dataclass
+class ToolConversation:
+    """A sampled conversation: ``ids`` (1, T) and ``position_ids`` (3, 1, T) of everything, system prompt first;
+    ``prompt_length``: the tokens before the model's first turn; ``turns``: the model's turns; ``vision``: each user
+    turn's image inputs (``pixel_values``, ``image_grid_thw``; empty for a text-only turn), the prompt's first."""
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_length: int
+    turns: list[SampledTurn]
+    vision: list[dict[str, torch.Tensor]]
+    trace: ToolTrace
+
+
+class StopAtCodeClose(StoppingCriteria):
+    """Ends a row's turn once its text contains ``</code>``.
+
+    generate's own ``stop_strings`` would do, but it indexes the whole vocabulary on every call (about a second on a
+    CPU), and a rollout makes several calls per response; this decodes only the last few tokens.
+    """
+
+    def __init__(self, tokenizer, prompt_length: int, tail_tokens: int = 8):
+        self.tokenizer, self.prompt_length, self.tail_tokens = tokenizer, prompt_length, tail_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        start = max(self.prompt_length, input_ids.shape[1] - self.tail_tokens)
+        tail = input_ids[:, start:]  # (B, <= tail_tokens)
+        done = [CODE_CLOSE in self.tokenizer.decode(row, skip_special_tokens=False) for row in tail]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
+
+
+class ToolSamplingSession(ChatSession):
+    """A `ChatSession` for RL rollouts: GRPO-ATS sampling, each turn cut at ``</code>``, every model turn recorded.
+
+    ``code_temperature`` 0 samples code greedily. A subclass may add processors after the temperature one with
+    `extra_logits_processors` (the tests force a scripted reply that way). After `run_tool_loop`, `conversation`
+    returns what the loss needs.
+    """
+
+    def __init__(
+        self, model, processor, *, text_temperature: float = 1.0, code_temperature: float = 0.0, **kwargs
+    ):
+        super().__init__(model, processor, **kwargs)
+        self.text_temperature = text_temperature
+        self.code_temperature = code_temperature
+        self.turns: list[SampledTurn] = []
+        self.vision: list[dict[str, torch.Tensor]] = []
+        self.prompt_length: int | None = None
+
+    def extra_logits_processors(self, prompt_length: int) -> list:
+        """Processors applied after the turn's `CodeTemperatureProcessor` (none)."""
+        return []
+
+    @torch.no_grad()  # not inference_mode: the recorded pixel values are inputs of the loss's forward later
+    def send(self, content: list[dict], *, max_new_tokens: int = 256, **gen_kwargs) -> Reply:
+        inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
+        start = kwargs["input_ids"].shape[1]
+        ats = CodeTemperatureProcessor(
+            self.processor.tokenizer, start, self.text_temperature, self.code_temperature
+        )
+        kwargs.update(
+            do_sample=True,
+            temperature=1.0,  # the per-token temperature is the processor's; no truncation (the ratio needs pi)
+            top_k=0,
+            top_p=1.0,
+            logits_processor=[ats, *self.extra_logits_processors(start)],
+            # the environment runs the code as soon as the block closes
+            stopping_criteria=StoppingCriteriaList([StopAtCodeClose(self.processor.tokenizer, start)]),
+        )
+        out = self.model.generate(**kwargs)
+        reply = self._finish(kwargs, out, inputs, content)
+        temps = ats.temperatures()[0]  # (n,)
+        if len(temps) != reply.num_tokens:
+            raise RuntimeError(f"recorded {len(temps)} temperatures for {reply.num_tokens} sampled tokens")
+        if self.prompt_length is None:
+            self.prompt_length = start
+        self.turns.append(SampledTurn(start=start, length=reply.num_tokens, temperatures=temps))
+        self.vision.append({k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs})
+        return reply
+
+    def conversation(self, trace: ToolTrace) -> ToolConversation:
+        """The sampled conversation of ``trace``; the session's KV cache is released."""
+        if self.prompt_length is None:
+            raise ValueError("the session has not sampled anything yet")
+        self.cache = None  # the conversation is kept, the cache (the big part) is not
+        return ToolConversation(self.ids, self.positions, self.prompt_length, self.turns, self.vision, trace)
+
+
+def tool_prompt(messages: Sequence[dict]) -> tuple[str, list[str]]:
+    """``(question, image paths)`` of a prompt for the tool loop: one user turn of image and text parts (the text
+    parts joined, so a hint part appended by `keye.posttrain.hints.hinted_prompt` stays in the question)."""
+    roles = [m["role"] for m in messages]
+    if roles != ["user"]:
+        raise ValueError(
+            f"a tool-use prompt is one user turn (the system prompt is rl.tools.system_prompt), got {roles}"
+        )
+    content = messages[0]["content"]
+    if isinstance(content, str):
+        return content, []
+    kinds = {p["type"] for p in content} - {"text", "image"}
+    if kinds:
+        raise ValueError(
+            f"a tool-use prompt takes images and text only (the sandbox reads image files), got {kinds}"
+        )
+    return "".join(p["text"] for p in content if p["type"] == "text"), [
+        p["image"] for p in content if p["type"] == "image"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A group of conversations as one rollout
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToolGroupRollout(GroupRollout):
+    """G tool conversations to one prompt (see the module docstring for the layout). ``texts``: each conversation's
+    final model turn (what the verifiers read); ``temperatures`` is always set; ``scores``: filled by the trainer."""
+
+    attention_mask: torch.Tensor | None = None  # (G, R)
+    response_position_ids: torch.Tensor | None = None  # (3, G, R)
+    # row -> its sandbox turns' image inputs (pixel_values, image_grid_thw)
+    response_vision: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
+    traces: list[ToolTrace] = field(default_factory=list)
+    scores: list[ThymeScore] = field(default_factory=list)
+
+    def model_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Forward inputs ``(G, P + R)``; the image inputs of all rows in row order (each row: the prompt's images,
+        then its sandbox images), the order in which the model fills the image slots."""
+        g = self.group_size
+        prompt_ids, prompt_attention = self.prompt["input_ids"], self.prompt["attention_mask"]  # (1, P)
+        inputs = {
+            "input_ids": torch.cat([prompt_ids.expand(g, -1), self.response_ids], dim=1),  # (G, P+R)
+            "attention_mask": torch.cat(
+                [prompt_attention.expand(g, -1), self.attention_mask.to(prompt_attention.dtype)], dim=1
+            ),  # (G, P+R)
+            "position_ids": torch.cat(
+                [self.prompt["position_ids"].expand(-1, g, -1), self.response_position_ids], dim=2
+            ).contiguous(),  # (3, G, P+R)
+        }
+        pixels, grids = [], []
+        prompt_vision = [self.prompt] if "pixel_values" in self.prompt else []
+        for row in range(g):
+            for vision in prompt_vision + self.response_vision[row]:
+                pixels.append(vision["pixel_values"])  # (N_i, 3*14*14)
+                grids.append(vision["image_grid_thw"])  # (images_i, 3)
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels)  # (sum N_i, 3*14*14)
+            inputs["image_grid_thw"] = torch.cat(grids)  # (images, 3)
+        return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+
+
+def build_tool_group(
+    conversations: Sequence[ToolConversation],
+    messages: Sequence[dict],
+    *,
+    pad_token_id: int,
+    temperature: float,
+) -> ToolGroupRollout:
+    """Lay G conversations out as one `ToolGroupRollout` (``old_logps`` zero: see `sample_tool_group`)."""
+    first = conversations[0]
+    p = first.prompt_length
+    for c in conversations:
+        if c.prompt_length != p or not torch.equal(c.ids[:, :p], first.ids[:, :p]):
+            raise ValueError("the conversations of a group must start from the same prompt tokens")
+    r = max(c.ids.shape[1] for c in conversations) - p
+    g = len(conversations)
+    ids = torch.full((g, r), pad_token_id, dtype=torch.long)
+    attention = torch.zeros(g, r, dtype=torch.long)
+    mask = torch.zeros(g, r, dtype=torch.long)
+    temps = torch.ones(g, r)
+    last = first.position_ids[:, 0, p - 1 : p]  # (3, 1)
+    positions = (last + torch.arange(1, r + 1)).unsqueeze(1).repeat(1, g, 1)  # (3, G, R): padding continues
+    for row, c in enumerate(conversations):
+        n = c.ids.shape[1] - p
+        ids[row, :n] = c.ids[0, p:]
+        attention[row, :n] = 1
+        positions[:, row, :n] = c.position_ids[:, 0, p:]
+        for turn in c.turns:
+            at = turn.start - p
+            mask[row, at : at + turn.length] = 1
+            temps[row, at : at + turn.length] = turn.temperatures
+    prompt = BatchFeature(
+        {
+            "input_ids": first.ids[:, :p],  # (1, P)
+            "attention_mask": torch.ones(1, p, dtype=torch.long),
+            "position_ids": first.position_ids[:, :, :p],  # (3, 1, P)
+            **first.vision[0],
+        }
+    )
+    return ToolGroupRollout(
+        prompt=prompt,
+        response_ids=ids,
+        response_mask=mask,
+        old_logps=torch.zeros(g, r),
+        texts=[c.trace.rounds[-1].text if c.trace.rounds else "" for c in conversations],
+        temperature=temperature,
+        messages=list(messages),
+        temperatures=temps,
+        attention_mask=attention,
+        response_position_ids=positions,
+        response_vision=[[v for v in c.vision[1:] if v] for c in conversations],
+        traces=[c.trace for c in conversations],
+    )
+
+
+@torch.no_grad()
+def sample_tool_group(
+    model,
+    processor,
+    messages: Sequence[dict],
+    group_size: int,
+    *,
+    max_rounds: int,
+    max_new_tokens: int,
+    sandbox: SandboxConfig,
+    out_dir: str | Path,
+    system: str | None = TOOL_SYSTEM_PROMPT,
+    temperature: float = 1.0,
+    code_temperature: float = 0.0,
+    think: bool | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    **video_overrides,
+) -> ToolGroupRollout:
+    """Sample ``group_size`` tool conversations to one prompt and score their model tokens under the policy.
+
+    ``max_new_tokens`` is per model turn; the sandbox's output images go under ``out_dir`` (their pixels are
+    processed when they come back, so the caller may delete the folder afterwards). ``autocast``: the context the
+    loss's forward runs in, so that old and new log-probs are computed alike. Uses torch's global RNG.
+    """
+    question, images = tool_prompt(messages)
+    pad = processor.tokenizer.pad_token_id
+    pad = pad if pad is not None else processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    conversations = []
+    for row in range(group_size):
+        session = ToolSamplingSession(
+            model,
+            processor,
+            text_temperature=temperature,
+            code_temperature=code_temperature,
+            think=think,
+            system=system,
+            **video_overrides,
+        )
+        trace = run_tool_loop(
+            session,
+            question,
+            images,
+            max_rounds=max_rounds,
+            sandbox=sandbox,
+            out_dir=Path(out_dir) / f"row-{row}",
+            max_new_tokens=max_new_tokens,
+        )
+        conversations.append(session.conversation(trace))
+    rollout = build_tool_group(conversations, messages, pad_token_id=pad, temperature=temperature)
+    with autocast():
+        rollout.old_logps = policy_logprobs(model, rollout).float().cpu()  # (G, R), 0 off the model's tokens
+    return rollout
+
+
+@torch.no_grad()
+def tool_response(
+    model,
+    processor,
+    messages: Sequence[dict],
+    *,
+    max_rounds: int,
+    max_new_tokens: int,
+    sandbox: SandboxConfig,
+    system: str | None = TOOL_SYSTEM_PROMPT,
+    think: bool | None = None,
+    **video_overrides,
+) -> str:
+    """Greedy decoding through the tool loop (held-out evaluation): the final model turn's text."""
+    import tempfile
+
+    question, images = tool_prompt(messages)
+    session = ChatSession(model, processor, think=think, system=system, **video_overrides)
+    with tempfile.TemporaryDirectory(prefix="keye-thyme-eval-") as tmp:
+        trace = run_tool_loop(
+            session,
+            question,
+            images,
+            max_rounds=max_rounds,
+            sandbox=sandbox,
+            out_dir=tmp,
+            max_new_tokens=max_new_tokens,
+        )
+    return trace.rounds[-1].text if trace.rounds else ""
+
+
+def tool_metrics(rollouts: Sequence[ToolGroupRollout]) -> dict[str, float]:
+    """Per-step means over the responses: code rounds run, share of runs that succeeded, share answered, and the
+    reward terms (``R_result``, ``R_consistency``, ``R_format``)."""
+    traces = [t for r in rollouts for t in r.traces]
+    runs = [rnd.result for t in traces for rnd in t.rounds if rnd.result is not None]
+    scores = [s for r in rollouts for s in r.scores]
+    out = {
+        "code_rounds": len(runs) / max(len(traces), 1),
+        "sandbox_ok": sum(r.ok for r in runs) / len(runs) if runs else 0.0,
+        "answered": sum(t.answer is not None for t in traces) / max(len(traces), 1),
+    }
+    for key in ("result", "consistency", "format"):
+        out[f"r_{key}"] = sum(getattr(s, key) for s in scores) / len(scores) if scores else 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A synthetic task on which code helps
+# ----------------------------------------------------------------------------------------------------------------------
+
+_COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 70),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 40),
+    "purple": (140, 60, 170),
+    "orange": (240, 140, 30),
+}
+_CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+def _zoom_sample(rng: np.random.Generator, size: int):
+    """A few large shapes and, in one corner, a two-digit number printed too small to read without zooming."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    names = list(_COLOURS)
+    for _ in range(3):
+        x0, y0 = (int(v) for v in rng.integers(size // 6, size // 2, 2))
+        w, h = (int(v) for v in rng.integers(size // 6, size // 3, 2))
+        draw.ellipse((x0, y0, x0 + w, y0 + h), fill=_COLOURS[names[rng.integers(len(names))]])
+    number = int(rng.integers(10, 100))
+    font = ImageFont.load_default(size=max(6, size // 16))
+    left, top, right, bottom = draw.textbbox((0, 0), str(number), font=font)
+    w, h = right - left + 2, bottom - top + 2
+    corner = _CORNERS[rng.integers(4)]
+    x = 1 if "left" in corner else size - w - 1
+    y = 1 if "top" in corner else size - h - 1
+    draw.rectangle((x, y, x + w, y + h), fill=(255, 255, 255))
+    draw.text((x + 1 - left, y + 1 - top), str(number), fill=(0, 0, 0), font=font)
+    q = size // 3
+    box = (0 if "left" in corner else size - q, 0 if "top" in corner else size - q)
+    box = (*box, box[0] + q, box[1] + q)
+    question = (
+        f"A small number is printed in the {corner} corner of the image. What is it? Answer with the number."
+    )
+    hints = {
+        "concept": "The number is too small to read at this size; an enlarged crop of that corner makes it legible.",
+        "strategy": f"Crop the {corner} corner of the image, enlarge it, and read the number from the enlarged image.",
+        "tool": f"Image.open(image_path).crop({box}).resize(({4 * q}, {4 * q})).save('corner.png')",
+        "solution": f"The answer is {number}.",
+    }
+    return image, question, str(number), hints
+
+
+def _measure_sample(rng: np.random.Generator, size: int):
+    """Coloured rectangles; the question asks the width in pixels of one of them (drawn last, so fully visible)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    names = [str(c) for c in rng.permutation(list(_COLOURS))[:3]]
+    widths = [int(rng.integers(size // 8, size * 3 // 4)) for _ in names]
+    for name, w in zip(names, widths):
+        h = int(rng.integers(size // 8, size // 3))
+        x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+        draw.rectangle((x0, y0, x0 + w - 1, y0 + h - 1), fill=_COLOURS[name])
+    target, rgb, w = names[-1], _COLOURS[names[-1]], widths[-1]
+    question = f"How many pixels wide is the {target} rectangle? Answer with a number."
+    hints = {
+        "concept": "The width in pixels is the number of image columns the rectangle covers.",
+        "strategy": f"Find the pixels whose colour is exactly {rgb} and count the columns they occupy.",
+        "tool": f"a = np.array(Image.open(image_path).convert('RGB')); print((a == {rgb}).all(-1).any(0).sum())",
+        "solution": f"The answer is {w}.",
+    }
+    return image, question, str(w), hints
+
+
+def write_tool_task(folder: str | Path, *, n: int = 16, seed: int = 0, size: int = 112) -> Path:
+    """A synthetic image task on which code helps: ``n`` images under ``folder/media`` and ``folder/manifest.jsonl``.
+
+    Half the lines ask for a two-digit number printed too small to read in one corner (``qtype: zoom``: crop and
+    enlarge), half for the width in pixels of a coloured rectangle (``qtype: measure``: count columns with numpy).
+    Lines are chat-manifest lines with ``meta.answer`` (a number: use the ``number`` verifier) and task-specific
+    ``meta.hints``; `keye.posttrain.rl.write_rl_prompts` turns the manifest into RL prompts.
+    """
+    folder = Path(folder)
+    (folder / "media").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        qtype = ("zoom", "measure")[i % 2]
+        image, question, answer, hints = (_zoom_sample if qtype == "zoom" else _measure_sample)(rng, size)
+        media = f"media/thyme-{seed}-{i:05d}.png"
+        image.save(folder / media)  # PNG: lossless, so the colours the hints name are exact
+        lines.append(
+            {
+                "id": f"thyme-{seed}-{i:05d}-{qtype}",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "image": media}, {"type": "text", "text": question}],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ],
+                "meta": {
+                    "qtype": qtype,
+                    "answer": answer,
+                    "options": [],
+                    "style": "open",
+                    "hints": hints,
+                    "source": "synthetic-thyme",
+                    "seed": seed,
+                    "index": i,
+                },
+            }
+        )
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return manifest
