@@ -40,11 +40,24 @@ def _merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_data(out: str, seed: int = 0, n: int = 64, size: int = 112, duration: float = 2.0) -> dict:
+def prepare_data(
+    out: str,
+    seed: int = 0,
+    n: int = 64,
+    size: int = 112,
+    duration: float = 2.0,
+    *,
+    fps: float = 4,
+    max_objects: int = 4,
+    text_prob: float = 0.5,
+    rl_qtypes: list[str] | None = None,
+) -> dict:
     """Synthetic post-training data under ``out``: ``media/`` (videos and images with every question), SFT
     ``think.jsonl`` / ``no_think.jsonl``, RL ``rl_prompts.jsonl`` (multiple choice, with hints), ``rl_heldout.jsonl``
     (another seed), ``pairs.jsonl`` (preference pairs), and the Thyme tool-use task (`write_tool_task`: zoom into a
-    corner, measure a width) as ``thyme_prompts.jsonl`` / ``thyme_heldout.jsonl``."""
+    corner, measure a width) as ``thyme_prompts.jsonl`` / ``thyme_heldout.jsonl``. ``fps``/``max_objects``/
+    ``text_prob`` set the generator (keye-tiny was trained at 8 fps, 4 s, 2 objects, no text); ``rl_qtypes`` keeps
+    only those question types in the two RL manifests."""
     from pathlib import Path
 
     from keye.posttrain.dpo import write_preference_pairs
@@ -54,15 +67,23 @@ def prepare_data(out: str, seed: int = 0, n: int = 64, size: int = 112, duration
     from keye.synthetic import generate_dataset
 
     out = Path(out)
-    common = dict(size=(size, size), fps=4, duration=duration, per_sample="all", progress=False)
+    common = dict(
+        size=(size, size),
+        fps=fps,
+        duration=duration,
+        max_objects=max_objects,
+        text_prob=text_prob,
+        per_sample="all",
+        progress=False,
+    )
     train = generate_dataset(out / "train", seed=seed, n=n, question_style="mixed", **common)
     mc = generate_dataset(out / "mc", seed=seed, n=n, question_style="mc", **common)
     held = generate_dataset(
         out / "heldout", seed=seed + 10_000, n=max(8, n // 4), question_style="mc", **common
     )
     paths = write_thinking_mix(train, out)
-    paths["rl_prompts"] = write_rl_prompts(mc, out / "rl_prompts.jsonl")
-    paths["rl_heldout"] = write_rl_prompts(held, out / "rl_heldout.jsonl")
+    paths["rl_prompts"] = write_rl_prompts(mc, out / "rl_prompts.jsonl", qtypes=rl_qtypes)
+    paths["rl_heldout"] = write_rl_prompts(held, out / "rl_heldout.jsonl", qtypes=rl_qtypes)
     paths["pairs"] = write_preference_pairs(mc, out / "pairs.jsonl", seed=seed)
     thyme = write_tool_task(out / "thyme", n=n, seed=seed, size=size)
     thyme_held = write_tool_task(out / "thyme_heldout", n=max(8, n // 4), seed=seed + 10_000, size=size)
@@ -95,7 +116,18 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    for key, path in prepare_data(args.out, args.seed, args.n, args.size, args.duration).items():
+    paths = prepare_data(
+        args.out,
+        args.seed,
+        args.n,
+        args.size,
+        args.duration,
+        fps=args.fps,
+        max_objects=args.max_objects,
+        text_prob=args.text_prob,
+        rl_qtypes=args.rl_qtypes,
+    )
+    for key, path in paths.items():
         print(f"{key}: {path}")
     return 0
 
@@ -145,6 +177,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--n", type=int, default=64, help="videos and images (each with every question)")
     d.add_argument("--size", type=int, default=112, help="frame side in pixels")
     d.add_argument("--duration", type=float, default=2.0, help="video length in seconds")
+    d.add_argument("--fps", type=float, default=4, help="video frame rate")
+    d.add_argument("--max-objects", type=int, default=4, help="at most this many shapes per scene")
+    d.add_argument("--text-prob", type=float, default=0.5, help="share of scenes with on-screen text")
+    d.add_argument(
+        "--rl-qtypes",
+        nargs="+",
+        metavar="QTYPE",
+        help="RL manifests keep only these (colour, count, motion, ...)",
+    )
     d.set_defaults(func=_data)
 
 

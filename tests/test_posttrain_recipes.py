@@ -206,3 +206,17 @@ def test_synthetic_rl_prompts_and_pairs(tiny):
     assert pairs and all(p["chosen"] != p["rejected"] and p["messages"][-1]["role"] == "user" for p in pairs)
     mc = next(p for p in pairs if p["meta"]["style"] == "mc")
     assert mc["chosen"] == mc["meta"]["answer_letter"] == reference_of(mc).answer
+
+
+def test_posttrain_data_regime_and_rl_qtypes(tmp_path):
+    from keye.posttrain.cli import prepare_data
+    from keye.synthetic import load_samples
+
+    paths = prepare_data(
+        str(tmp_path), n=6, size=56, duration=2.0, fps=4, max_objects=1, text_prob=0.0, rl_qtypes=["count"]
+    )
+    for name in ("rl_prompts", "rl_heldout"):
+        lines = [json.loads(x) for x in Path(paths[name]).read_text().splitlines()]
+        assert lines and all(x["meta"]["qtype"] == "count" for x in lines)
+    samples = load_samples(tmp_path / "mc" / "samples.jsonl")
+    assert all(len(sc.objects) == 1 and sc.text is None for s in samples for sc in s.scenes)
