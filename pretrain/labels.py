@@ -6,9 +6,16 @@ learns how many objects the frame holds. Frames come from the processor exactly 
 included), labels from `keye.synthetic.object_masks`. KEYE_TINY.md measured why: a vision tower trained only through
 a frozen 135M LLM stays at chance for a long time, while a direct objective teaches it in minutes.
 
+The projector trains here too: each projected token regresses onto the LLM's own word embeddings of what lies under
+it (the mean of its colour and shape words, or the background's colour word), so Stage 1 starts from soft tokens the
+frozen LLM already reads as words. Without it a randomly initialised projector emits tokens ~20x the norm of
+SmolLM2's embeddings and nearly identical to each other (a large constant plus ~1% variation), and a frozen LLM
+ignored the picture after Stage 1 (measured: the colour distribution did not change from video to video).
+
     python -m keye.pretrain.labels --data runs/keye-tiny/data --out runs/keye-tiny/stage0
 
-writes ``<out>/final/weights.safetensors`` (the vision tower as a delta file, what Stage 1's ``init_from`` reads),
+writes ``<out>/final/weights.safetensors`` (vision tower and projector as a delta file, what Stage 1's ``init_from``
+reads),
 ``metrics.jsonl`` and held-out accuracies in ``<out>/final/eval.json``.
 """
 
@@ -26,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["LabelHeads", "LabelsConfig", "prepare_examples", "token_targets", "train_labels"]
+__all__ = ["LabelHeads", "LabelsConfig", "WordTargets", "prepare_examples", "token_targets", "train_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +44,7 @@ MAX_COUNT = 4
 class LabelsConfig:
     data: Path = Path("runs/keye-tiny/data")
     output_dir: Path = Path("runs/keye-tiny/stage0")
-    steps: int = 800
+    steps: int = 600
     batch: int = 32  # media (videos or images) per step
     lr: float = 1e-3
     warmup: int = 20
@@ -153,28 +160,54 @@ def _collate(examples: list[dict]) -> dict:
     }
 
 
+class WordTargets:
+    """The LLM's input embeddings of the label words (a word's sub-tokens averaged): what each projected token should
+    look like to the LLM."""
+
+    def __init__(self, model, tokenizer):
+        colours, shapes, _, backgrounds = _vocab()
+        table = model.get_input_embeddings().weight.detach().float()
+
+        def words(names):
+            return torch.stack([table[tokenizer.encode(n, add_special_tokens=False)].mean(0) for n in names])
+
+        self.objects = torch.cat([words(colours), words(shapes)])  # (n_colours + n_shapes, D)
+        self.backgrounds = words(backgrounds)  # (n_backgrounds, D)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        """Target embedding of every merged token ``(T, D)``."""
+        hot = batch["multi"][:, : self.objects.shape[0]]  # colour and shape columns
+        n = hot.sum(1, keepdim=True)
+        obj = hot @ self.objects / n.clamp(min=1)
+        return torch.where(n > 0, obj, self.backgrounds[batch["background"]])
+
+
 def _forward(model, heads: LabelHeads, batch: dict):
     feats = model.vision(batch["pixel_values"], batch["grid_thw"])
     tokens = model.projector.merge_patches(feats, batch["grid_thw"])
-    return heads(tokens, batch["frame_of"], batch["grid_thw"].shape[0])
+    return (*heads(tokens, batch["frame_of"], batch["grid_thw"].shape[0]), model.projector.project(tokens))
 
 
-def _loss(out, batch: dict) -> torch.Tensor:
-    multi, background, count = out
+def _loss(out, batch: dict, targets: WordTargets) -> torch.Tensor:
+    multi, background, count, projected = out
+    target = targets(batch)
+    align = (projected.float() - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
     return (
         F.binary_cross_entropy_with_logits(multi, batch["multi"], reduction="sum") / multi.shape[0]
         + F.cross_entropy(background, batch["background"])
         + F.cross_entropy(count, batch["count"])
+        + align
     )
 
 
 @torch.no_grad()
-def evaluate(model, heads: LabelHeads, examples: list[dict]) -> dict[str, float]:
-    """Held-out accuracy: exact token label sets (colours, shapes, pairs), background per token, count per frame."""
+def evaluate(model, heads: LabelHeads, examples: list[dict], targets: WordTargets) -> dict[str, float]:
+    """Held-out accuracy: exact token label sets (colours, shapes, pairs), background per token, count per frame; and
+    the mean cosine between projected tokens and their word targets."""
     if not examples:
         return {}
     batch = _collate(examples)
-    multi, background, count = _forward(model, heads, batch)
+    multi, background, count, projected = _forward(model, heads, batch)
     pred = multi > 0
     nc, ns, _ = heads.sizes
     parts = {"colours": slice(0, nc), "shapes": slice(nc, nc + ns), "pairs": slice(nc + ns, None)}
@@ -184,6 +217,7 @@ def evaluate(model, heads: LabelHeads, examples: list[dict]) -> dict[str, float]
     }
     result["token_background"] = float((background.argmax(1) == batch["background"]).float().mean())
     result["frame_count"] = float((count.argmax(1) == batch["count"]).float().mean())
+    result["word_cosine"] = float(F.cosine_similarity(projected.float(), targets(batch), dim=-1).mean())
     return {k: round(100 * v, 2) for k, v in result.items()}
 
 
@@ -213,7 +247,8 @@ def train_labels(cfg: LabelsConfig) -> Path:
         torch.save(examples, cache)
     held, train = examples[: cfg.held_out], examples[cfg.held_out :]
     heads = LabelHeads(4 * model.config.vision.hidden_size)
-    params = [*model.vision.parameters(), *heads.parameters()]
+    targets = WordTargets(model, processor.tokenizer)
+    params = [*model.vision.parameters(), *model.projector.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -230,7 +265,7 @@ def train_labels(cfg: LabelsConfig) -> Path:
             idx = torch.randint(len(train), (cfg.batch,), generator=gen).tolist()
             batch = _collate([train[i] for i in idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
-                loss = _loss(_forward(model, heads, batch), batch)
+                loss = _loss(_forward(model, heads, batch), batch, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -239,13 +274,17 @@ def train_labels(cfg: LabelsConfig) -> Path:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
     model.vision.eval()
-    scores = evaluate(model, heads, held)
+    scores = evaluate(model, heads, held, targets)
     logger.info(
         "stage 0 labels: %d steps, %.1f min; held-out %s", cfg.steps, (time.perf_counter() - t0) / 60, scores
     )
     tmp = out / ".final.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    delta = {f"vision.{k}": v.detach().clone().contiguous() for k, v in model.vision.state_dict().items()}
+    delta = {
+        f"{part}.{k}": v.detach().clone().contiguous()
+        for part in ("vision", "projector")
+        for k, v in getattr(model, part).state_dict().items()
+    }
     save_file(delta, str(tmp / "weights.safetensors"))
     (tmp / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
     tmp.rename(final)

@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from keye.pretrain.labels import LabelHeads, _collate, _forward, _loss, prepare_examples, token_targets
+from keye.pretrain.labels import (
+    LabelHeads,
+    WordTargets,
+    _collate,
+    _forward,
+    _loss,
+    prepare_examples,
+    token_targets,
+)
 from keye.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -80,14 +88,33 @@ def test_a_few_steps_on_the_labels_lower_the_loss(tmp_path):
         assert e["count"].shape[0] == e["grid_thw"].shape[0]
     torch.manual_seed(0)
     heads = LabelHeads(4 * model.config.vision.hidden_size)
-    params = [*model.vision.parameters(), *heads.parameters()]
+    targets = WordTargets(model, processor.tokenizer)
+    params = [*model.vision.parameters(), *model.projector.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=3e-3)
     batch = _collate(examples)
     losses = []
     for _ in range(8):
-        loss = _loss(_forward(model, heads, batch), batch)
+        loss = _loss(_forward(model, heads, batch), batch, targets)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_word_targets_are_the_label_words_embeddings():
+    from keye.pretrained import load_pretrained
+
+    model, processor = load_pretrained("keye-tiny")
+    targets = WordTargets(model, processor.tokenizer)
+    objs = [SceneObject("square", "red", 20, (14.0, 14.0), (14.0, 14.0))]
+    spec = VideoSpec((112, 112), 8.0, 4, [Scene(0, 4, "navy", objs, None, None, None, None)])
+    t = token_targets(spec, 0, (4, 4), min_share=0.2)
+    got = targets({"multi": t["multi"], "background": t["background"]})
+    table = model.get_input_embeddings().weight.detach().float()
+
+    def word(w):
+        return table[processor.tokenizer.encode(w, add_special_tokens=False)].mean(0)
+
+    torch.testing.assert_close(got[0], (word("red") + word("square")) / 2)  # the square's token
+    torch.testing.assert_close(got[5], word("navy"))  # a background token
