@@ -144,7 +144,12 @@ class KeyeVisionEmbeddings(nn.Module):
         weight = self.patch_embedding.weight
         patches = pixel_values.view(-1, self.config.num_channels, p, p).to(weight.dtype)  # (N, 3, 14, 14)
         embeds = self.patch_embedding(patches).flatten(1)  # (N, hidden)
-        positions = torch.cat([self.resized_positions(h, w).repeat(t, 1) for t, h, w in grid_thw.tolist()])
+        # a video's frames share a few sizes: each table is resized once per call, not once per frame
+        tables: dict[tuple[int, int], torch.Tensor] = {}
+        for _, h, w in grid_thw.tolist():
+            if (h, w) not in tables:
+                tables[h, w] = self.resized_positions(h, w)
+        positions = torch.cat([tables[h, w].repeat(t, 1) for t, h, w in grid_thw.tolist()])
         return embeds + positions
 
 

@@ -1,6 +1,6 @@
 """`KeyePredictor`: the harness's `Predictor` over keye's public API (load_pretrained, processor, generate).
 
-Each video is decoded, encoded (and compressed, with ``--compress dyntok``) ONCE: `prepare_video` runs the prompt
+Each video is decoded, encoded (and compressed, with ``--compress dyntok|clapper``) ONCE: `prepare_video` runs the prompt
 prefix that ends with the video (``<|im_start|>user\\n<|vision_start|> ... <|vision_end|>``) through the model and keeps
 its KV cache; every question then only prefills its own text on top of that cache, which is cropped back to the prefix
 afterwards. With ``reuse_cache=False`` the video's tokens are kept instead and the prefix is prefilled per question.
@@ -27,6 +27,7 @@ class PreparedVideo:
     prefix_ids: torch.Tensor  # (1, L) prompt tokens up to and including <|vision_end|> (after compression)
     prefix_positions: torch.Tensor  # (3, 1, L)
     full_prefix_length: int  # the same prefix before compression (where each question's own tokens start)
+    position_shift: int  # compressed minus uncompressed position of the text after the video (Clapper: < 0)
     cache: DynamicCache | None  # KV cache of the prefix; None when reuse is off
     video_embeds: torch.Tensor | None  # the video's tokens, kept when reuse is off
     vision_tokens: int
@@ -75,15 +76,18 @@ class KeyePredictor:
                 self.model(input_ids=prefix.to(device), position_ids=positions.to(device), video_embeds=embeds,
                            cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
             embeds = None
-        return PreparedVideo(video, prefix, positions, full_end, cache, embeds, n_tokens)
+        # the text after the video continues after the (maybe shorter) compressed layout: shift questions' positions
+        shift = int(positions[0, 0, -1] - full["position_ids"][0, 0, full_end - 1])  # both at <|vision_end|>
+        return PreparedVideo(video, prefix, positions, full_end, shift, cache, embeds, n_tokens)
 
     def answer(self, prepared: PreparedVideo, prompt: str, *, max_new_tokens: int, think: bool) -> Prediction:
-        # The question's own tokens and positions: the part after the video of a freshly processed prompt (the
-        # positions of the full, uncompressed layout, which compression keeps).
+        # The question's own tokens and positions: the part after the video of a freshly processed prompt, its
+        # positions moved to follow the compressed video (text positions are equal on the three axes).
         full = self.processor(self._messages(prepared.video, prompt), think=think if think else None)
         suffix = slice(prepared.full_prefix_length, None)
         ids = torch.cat([prepared.prefix_ids, full["input_ids"][:, suffix]], dim=1)
-        positions = torch.cat([prepared.prefix_positions, full["position_ids"][:, :, suffix]], dim=2)
+        question = full["position_ids"][:, :, suffix] + prepared.position_shift
+        positions = torch.cat([prepared.prefix_positions, question], dim=2)
         device = self.model.device
         kwargs: dict[str, Any] = dict(
             input_ids=ids.to(device),

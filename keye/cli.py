@@ -231,6 +231,8 @@ def layer_main(add_parser, prog: str, argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from keye.compression import COMPRESSIONS  # light: `import keye` has loaded torch already
+
     parser = argparse.ArgumentParser(prog="keye", description="Keye-VL-style video-language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="video sampling rate (default: the model's, at most 2)")
     p.add_argument("--max-frames", type=int, help="cap on sampled frames")
     p.add_argument("--token-budget", type=int, help="vision token budget per video")
-    p.add_argument("--compress", choices=["none", "dyntok"], default="none", help="video token compression")
+    p.add_argument(
+        "--compress",
+        choices=COMPRESSIONS,
+        default="none",
+        help="video token compression (clapper: the model's TimePerceiver, or an untrained one that pools)",
+    )
     p.add_argument("--tools", action="store_true", help="Thyme mode: the model may run Python on the images")
     p.add_argument(
         "--max-rounds", type=int, default=4, help="code rounds before an answer is demanded (--tools)"
@@ -265,11 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="sampling rate (effective: min(fps, native fps); default 2)")
     p.add_argument("--max-frames", type=int, help="cap on sampled frames (default 1365)")
     p.add_argument("--token-budget", type=int, help="vision tokens for the whole video (default 65536)")
+    p.add_argument("--compress", choices=COMPRESSIONS, default="none", help="token compression to report")
     p.add_argument(
-        "--compress", choices=["none", "dyntok"], default="none", help="token compression to report"
-    )
-    p.add_argument(
-        "--model", default="keye-tiny", help="model whose vision tower DynTok compares (with --compress)"
+        "--model",
+        default="keye-tiny",
+        help="model that compresses (with --compress): its vision tower, and its TimePerceiver for clapper",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="OUT.png", help="draw a film strip with slow/fast marks and timestamps")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from keye.encoders.clapper import ClapperConfig
 from keye.encoders.vision import KeyeVisionConfig
 
 # Names of the special tokens a Keye tokenizer carries (their ids live in `KeyeConfig`).
@@ -121,6 +122,10 @@ class KeyeConfig(PreTrainedConfig):
     ``tokens_per_second`` ties the temporal M-RoPE index of a video frame to its timestamp: a frame at time ``t`` s
     gets temporal index ``video_start + round(t * tokens_per_second)``. ``None`` reproduces Keye-VL-1.5's released
     behaviour, where a frame's temporal index is simply its place in the sequence (see `keye.rope`).
+
+    ``clapper_config`` (a `keye.encoders.clapper.ClapperConfig` as a dict) gives the model a Clapper TimePerceiver
+    (``model.clapper``) for ``compress="clapper"``; ``None`` (the default, and every checkpoint without one): no such
+    module, and `keye.compression` falls back to an untrained one.
     """
 
     model_type = "keye"
@@ -147,6 +152,15 @@ class KeyeConfig(PreTrainedConfig):
     think_end_token_id: int | None = 151668
     tokens_per_second: float | None = 2.0
     tie_word_embeddings: bool = False
+    clapper_config: dict | None = None
+
+    def validate_clapper(self):
+        """Part of `@strict`-powered validation: the TimePerceiver works at the text model's width."""
+        if self.clapper is not None and self.clapper.llm_width != self.text.hidden_size:
+            raise ValueError(
+                f"clapper_config.llm_width {self.clapper.llm_width} must equal text_config.hidden_size "
+                f"{self.text.hidden_size}"
+            )
 
     @property
     def vision(self) -> KeyeVisionConfig:
@@ -159,6 +173,10 @@ class KeyeConfig(PreTrainedConfig):
     @property
     def text(self) -> KeyeTextConfig:
         return self.text_config
+
+    @property
+    def clapper(self) -> ClapperConfig | None:
+        return None if self.clapper_config is None else ClapperConfig.from_dict(self.clapper_config)
 
 
 def token_id_fields(ids: dict[str, int]) -> dict[str, int]:

@@ -8,7 +8,9 @@ Data flow of `KeyeForConditionalGeneration.forward`:
 
 Only what transformers lacks is written here: the projector, the multimodal embedding merge and a text model that
 composes transformers' own Llama or Qwen3 decoder blocks with Qwen2-VL's M-RoPE rotary embedding. The vision tower
-lives in `keye.encoders.vision`.
+lives in `keye.encoders.vision`; the optional Clapper TimePerceiver (``config.clapper_config``) in
+`keye.encoders.clapper`, used by `keye.compression` on the projected tokens (``forward`` takes its output as
+``video_embeds``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -25,6 +28,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbeddin
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from keye.configuration import KeyeConfig, KeyeTextConfig
+from keye.encoders.clapper import TimePerceiver
 from keye.encoders.vision import KeyeVisionConfig, KeyeVisionModel, VisionRotaryEmbedding
 
 
@@ -124,10 +128,17 @@ class KeyePreTrainedModel(PreTrainedModel):
             dim = module.inv_freq.numel() * 2
             theta = self.config.vision_config.rope_theta
             module.inv_freq.copy_(1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        # TimePerceiver's own init, after its Linears': out_proj at zero (untrained output = pooled tokens)
+        if isinstance(module, TimePerceiver):
+            init.normal_(module.queries, std=0.02)
+            init.zeros_(module.frame_embed)
+            init.zeros_(module.out_proj.weight)
+            init.zeros_(module.out_proj.bias)
 
 
 class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
-    """Keye vision-language model. Parameters: ``vision.*``, ``projector.*``, ``language_model.*``, ``lm_head``."""
+    """Keye vision-language model. Parameters: ``vision.*``, ``projector.*``, ``language_model.*``, ``lm_head``, and
+    ``clapper.*`` when ``config.clapper_config`` is set."""
 
     _tied_weights_keys = {"lm_head.weight": "language_model.embed_tokens.weight"}
 
@@ -139,6 +150,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         self.projector = KeyeProjector(config)
         self.language_model = KeyeTextModel(config.text_config)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.clapper = TimePerceiver(config.clapper) if config.clapper is not None else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

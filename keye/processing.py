@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from keye.configuration import VISION_TOKENS
 from keye.errors import ContextLengthError
-from keye.rope import TextSpan, VisionSpan, mrope_positions
+from keye.rope import PromptLayout, TextSpan, VisionSpan
 
 PROCESSOR_CONFIG = "keye_processor.json"
 IGNORE_INDEX = -100
@@ -303,10 +303,11 @@ class KeyeProcessor:
 
         Returns ``input_ids``, ``attention_mask``, ``position_ids`` (3, B, T), and when present ``pixel_values``,
         ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``labels`` (``return_labels``: only the
-        assistant turns' tokens are trained). ``.videos`` holds each video's `VideoInput` (frames, Slow-Fast plan).
+        assistant turns' tokens are trained). ``.videos`` holds each video's `VideoInput` (frames, Slow-Fast plan),
+        ``.layouts`` each conversation's `PromptLayout` (its spans, for `keye.compression`).
         """
         batch = [messages] if messages and isinstance(messages[0], dict) else messages
-        all_ids, all_labels, all_pos = [], [], []
+        all_ids, all_labels, all_pos, layouts = [], [], [], []
         pix, img_grids, vpix, vid_grids, loaded = [], [], [], [], []
         for conv in batch:
             pieces = self.render(conv, add_generation_prompt, think)
@@ -334,7 +335,8 @@ class KeyeProcessor:
                 )
             all_ids.append(ex.ids)
             all_labels.append(ex.labels)
-            all_pos.append(mrope_positions(ex.spans, self.settings.tokens_per_second))
+            layouts.append(PromptLayout(ex.spans, self.settings.tokens_per_second))
+            all_pos.append(layouts[-1].positions())
 
         length = max(len(x) for x in all_ids)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -359,6 +361,7 @@ class KeyeProcessor:
             data["video_grid_thw"] = torch.tensor(vid_grids, dtype=torch.long)
         out = BatchFeature(data=data)
         out.videos = loaded
+        out.layouts = layouts  # per conversation, unpadded: what `keye.compression` rewrites
         return out
 
     # ---------------------------------------------------------------- decode / save / load

@@ -11,9 +11,11 @@ Every token gets a (temporal, height, width) index triple:
   ``t0`` that frame's time. Frames 0.5 s apart are one temporal step apart at 2 tokens/s whatever their token counts,
   so the model can read elapsed time off the temporal axis. ``tokens_per_second=None`` keeps Keye-VL-1.5's released
   behaviour (temporal index = ``s``, as for images).
-- compressed frames (DynTok) may place their tokens at explicit (row, col) grid positions instead of a full grid.
+- compressed frames (DynTok) may place their tokens at explicit (row, col) places of their grid instead of filling it;
+  the next span still starts after the whole grid, so such positions are a subset of the full grid's layout.
 
-The processor describes the prompt as a list of spans while it builds the token ids, so nothing here re-parses ids.
+The processor describes the prompt as a list of spans while it builds the token ids (and keeps them as a
+`PromptLayout`), so nothing here re-parses ids; compression (`keye.compression`) rewrites the spans and recomputes.
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ class VisionSpan:
         return len(self.hw) if self.hw is not None else self.grid_h * self.grid_w
 
 
+@dataclass
+class PromptLayout:
+    """One processed sequence as `mrope_positions` sees it: its spans in order and the time rule it was built with."""
+
+    spans: list[TextSpan | VisionSpan]
+    tokens_per_second: float | None
+
+    def positions(self) -> torch.Tensor:
+        return mrope_positions(self.spans, self.tokens_per_second)  # (3, T)
+
+
 def mrope_positions(spans: list[TextSpan | VisionSpan], tokens_per_second: float | None) -> torch.Tensor:
     """Position ids ``(3, sum of span lengths)`` for one sequence; see the module docstring for the rules."""
     out: list[torch.Tensor] = []
@@ -65,7 +78,8 @@ def mrope_positions(spans: list[TextSpan | VisionSpan], tokens_per_second: float
             temporal = origin + int(round((span.time - t0) * tokens_per_second))
         pos = torch.stack([torch.full_like(rows, temporal), rows + start, cols + start])  # (3, n)
         out.append(pos)
-        next_pos = int(pos.max()) + 1 if pos.numel() else next_pos
+        # after the whole grid, whether or not every place holds a token (the largest index of a full grid)
+        next_pos = max(temporal, start + max(span.grid_h, span.grid_w) - 1) + 1
     if not out:
         return torch.zeros(3, 0, dtype=torch.long)
     return torch.cat(out, dim=1).long()

@@ -87,3 +87,26 @@ def test_frames_of_different_sizes():
 def test_checks_shapes():
     with pytest.raises(ValueError, match=r"expected \(12, D\) features for a 3x4 grid"):
         dyntok_groups(torch.randn(10, 4), 3, 4)
+
+
+def test_frames_in_one_pass_match_frame_by_frame():
+    torch.manual_seed(2)
+    grids = [(3, 5), (2, 2), (4, 3), (1, 1), (3, 5)]
+    # smooth-ish features so that about half of the neighbours merge
+    feats = torch.cat([torch.randn(1, 8) + 0.8 * torch.randn(h * w, 8) for h, w in grids])
+    tokens = torch.randn(feats.shape[0], 6)
+    out = dyntok_frames(feats, tokens, grids)
+    merged, positions, keep, per_frame, offset = [], [], [], [], 0
+    for t, (h, w) in enumerate(grids):
+        f, x = feats[offset : offset + h * w], tokens[offset : offset + h * w]
+        groups = dyntok_groups(f, h, w)
+        merged.append(dyntok_merge(x, groups))
+        hw = dyntok_positions(groups, h, w)
+        positions.append(torch.cat([torch.full_like(hw[:, :1], t), hw], dim=1))
+        keep.append(dyntok_keep_index(groups) + offset)
+        per_frame.append(len(hw))
+        offset += h * w
+    assert 0 < out.tokens_after < out.tokens_before  # some merge, some do not
+    assert out.tokens_per_frame == per_frame
+    assert torch.equal(out.positions, torch.cat(positions)) and torch.equal(out.keep_index, torch.cat(keep))
+    torch.testing.assert_close(out.tokens, torch.cat(merged))

@@ -37,9 +37,9 @@ def test_text_only_mrope_is_1d_rope(tiny_model):
 
 
 def test_packed_vision_attention_equals_separate(tiny_model):
-    """Three different-size images packed in one sequence give the same features as each run alone."""
+    """Different-size images (one size twice) packed in one sequence give the same features as each run alone."""
     model = tiny_model()
-    grids = torch.tensor([[1, 4, 6], [1, 2, 2], [1, 6, 4]])
+    grids = torch.tensor([[1, 4, 6], [1, 2, 2], [1, 6, 4], [1, 4, 6]])
     pixels = [torch.randn(int(g.prod()), 3 * 14 * 14) for g in grids]
     with torch.no_grad():
         packed = model.vision(torch.cat(pixels), grids)
