@@ -32,7 +32,7 @@ __all__ = ["build_asset", "evaluate_open", "main", "prepare_data"]
 logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
-STAGES = ["stage1_tiny", "stage2_tiny", "stage3_tiny"]
+STAGES = ["stage2_tiny", "stage3_tiny"]  # Stage 1 (projector alignment) is part of Stage 0 here
 STAGE0_DIR = Path("runs/keye-tiny/stage0")  # what stage1_tiny.yaml's init_from reads
 TRAIN_SEEDS = {"video": 1000, "image": 1001}
 # keye-tiny's regime of the generator (its training data and the held-out questions it is measured on): at most two
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-seed", type=int, default=7, help="a seed never used in training")
     parser.add_argument("--eval-n", type=int, default=0, help="open-ended questions to score (0: skip)")
     parser.add_argument("--eval-only", action="store_true", help="skip data and training; only evaluate")
+    parser.add_argument(
+        "--eval-models", nargs="+", choices=("untrained", "trained"), default=["untrained", "trained"]
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("total: %.1f min", (time.perf_counter() - t0) / 60)
     if args.eval_n:
         models = [("untrained", None)] + ([("trained", args.asset)] if args.asset.exists() else [])
-        for name, asset in models:
+        for name, asset in (m for m in models if m[0] in args.eval_models):
             model, processor = load_with_asset(asset)
             res = evaluate_open(
                 model, processor, seed=args.eval_seed, n=args.eval_n, media_dir=args.data.parent / "eval"
