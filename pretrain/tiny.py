@@ -4,12 +4,13 @@
               and no on-screen text (`TINY_DATA`), every question of each: manifests of captions, open answers,
               Video-MME-style multiple choice, all of a medium's questions as one multi-turn chat, and text-only
               multiple choice
-    stage 0   keye.pretrain.labels: the vision tower learns the generator's labels per vision token (no LLM)
-    stage 1-3 configs/pretrain/stage{1,2,3}_tiny.yaml through the pretraining recipe (each resumable)
-    asset     the four stages' delta files composed into one (vision tower, projector, new token rows, LoRA
-              factors: no SmolLM2 weight) -> keye/assets/keye-tiny.safetensors (``--asset`` elsewhere)
+    stage 0   keye.pretrain.labels: the vision tower learns the generator's labels per vision token and the projector
+              SmolLM2's embeddings of those words (no LLM); it is also Stage 1's projector alignment
+    stage 2-3 configs/pretrain/stage{2,3}_tiny.yaml through the pretraining recipe (each resumable)
+    asset     the stages' delta files composed into one (vision tower, projector, new token rows, LoRA factors: no
+              SmolLM2 weight) -> keye/assets/keye-tiny.safetensors (``--asset`` elsewhere)
     eval      `evaluate_open`: open-ended accuracy per question type on a seed never trained on (the multiple-choice
-              score comes from the harness: ``keye eval synthetic --model runs/keye-tiny/stage3/final/model``)
+              score comes from the harness: ``keye eval synthetic --seed 7 --n 1000 --max-objects 2 --text-prob 0``)
 
 Interrupted? Run the same command again: finished stages are skipped, the running one resumes from its checkpoint.
 """
