@@ -87,10 +87,9 @@ def token_targets(spec, frame: int, grid_hw: tuple[int, int], min_share: float) 
 
     colours, shapes, pairs, backgrounds = _vocab()
     scene, masks = object_masks(spec, frame)
+    # share of each object's pixels under each token
     cover = F.adaptive_avg_pool2d(torch.from_numpy(masks), grid_hw) * (masks.shape[1] * masks.shape[2])
-    cover = cover / cover.sum(dim=(1, 2), keepdim=True).clamp(
-        min=1e-6
-    )  # share of each object's pixels per token
+    cover = cover / cover.sum(dim=(1, 2), keepdim=True).clamp(min=1e-6)
     present = (cover >= min_share).flatten(1).T  # (T, n_objects)
     n_tok = present.shape[0]
     multi = torch.zeros(n_tok, len(colours) + len(shapes) + len(pairs))
