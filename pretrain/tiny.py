@@ -6,7 +6,8 @@
               multiple choice
     stage 0   keye.pretrain.labels: the vision tower learns the generator's labels per vision token and the projector
               SmolLM2's embeddings of those words (no LLM); it is also Stage 1's projector alignment
-    stage 2-3 configs/pretrain/stage{2,3}_tiny.yaml through the pretraining recipe (each resumable)
+    stage 2-3 configs/pretrain/stage{2a,2,3}_tiny.yaml through the pretraining recipe (each resumable): 2a images
+              first (a curriculum), then the multi-task mix, then annealing
     asset     the stages' delta files composed into one (vision tower, projector, new token rows, LoRA factors: no
               SmolLM2 weight) -> keye/assets/keye-tiny.safetensors (``--asset`` elsewhere)
     eval      `evaluate_open`: open-ended accuracy per question type on a seed never trained on (the multiple-choice
@@ -33,7 +34,7 @@ __all__ = ["build_asset", "evaluate_open", "main", "prepare_data"]
 logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
-STAGES = ["stage2_tiny", "stage3_tiny"]  # Stage 1 (projector alignment) is part of Stage 0 here
+STAGES = ["stage2a_tiny", "stage2_tiny", "stage3_tiny"]  # Stage 1 (projector alignment) is part of Stage 0 here
 STAGE0_DIR = Path("runs/keye-tiny/stage0")  # what stage1_tiny.yaml's init_from reads
 TRAIN_SEEDS = {"video": 1000, "image": 1001}
 # keye-tiny's regime of the generator (its training data and the held-out questions it is measured on): at most two
