@@ -187,8 +187,7 @@ class DPOTrainer(PostTrainer):
 
         cfg, d, acc = self.cfg, self.cfg.dpo, self.acc
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / "metrics.jsonl"
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        metrics_path = self._open_metrics()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.name, dynamic_ncols=True)
         start_time = time.perf_counter()
         self.model.train()
@@ -232,13 +231,7 @@ class DPOTrainer(PostTrainer):
                 "time_s": time.perf_counter() - start_time,
                 "step_s": time.perf_counter() - t0,
             }
-            self.metrics.append(m)
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(m) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                self.save_checkpoint()
+            self._finish_step(m, metrics_path, bar, loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
         bar.close()
         if self.metrics:
             plot_losses(self.metrics, self.out / "loss.png", cfg.name)

@@ -515,8 +515,7 @@ class RLTrainer(PostTrainer):
 
         cfg, rl, acc = self.cfg, self.cfg.rl, self.acc
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / "metrics.jsonl"
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        metrics_path = self._open_metrics()
         if self.step == 0:
             self._log_eval("before", self._evaluate())
         model = self._unwrapped()
@@ -602,13 +601,9 @@ class RLTrainer(PostTrainer):
             if rl.tools.enabled:
                 m.update(tool_metrics([r for r, _ in groups]))
                 self._log_traces(groups[0][0], groups[0][1])
-            self.metrics.append(m)
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(m) + "\n")
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{loss_value:.4f}")
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                self.save_checkpoint()
+            self._finish_step(
+                m, metrics_path, bar, reward=f"{m['reward_mean']:.3f}", loss=f"{loss_value:.4f}"
+            )
         bar.close()
         if self.metrics:
             plot_rewards(self.metrics, self.out / "reward.png", cfg.name)

@@ -289,6 +289,24 @@ class Trainer:
             return contrastive_loss(self.model, self.head, batch)
         return lm_loss_sum(self.model, batch)
 
+    def _open_metrics(self) -> Path:
+        """``metrics.jsonl`` rewritten from ``self.metrics``: after a resume, steps past the checkpoint are dropped."""
+        path = self.out / "metrics.jsonl"
+        if self.acc.is_main_process:
+            path.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        return path
+
+    def _finish_step(self, m: dict, metrics_path: Path, bar, **postfix: str) -> None:
+        """Record one step's metrics (in memory and in ``metrics.jsonl``), advance the bar, checkpoint when due."""
+        self.metrics.append(m)
+        if self.acc.is_main_process:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+        bar.update(1)
+        bar.set_postfix(**postfix)
+        if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
+            self.save_checkpoint()
+
     def train(self) -> list[dict]:
         """Run to ``max_steps``; returns the metrics (one dict per optimizer step)."""
         from tqdm.auto import tqdm
@@ -306,9 +324,7 @@ class Trainer:
             disable=not acc.is_main_process,
             dynamic_ncols=True,
         )
-        metrics_path = self.out / "metrics.jsonl"
-        if acc.is_main_process:  # rewrite: after a resume, steps past the checkpoint are dropped
-            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        metrics_path = self._open_metrics()
         start_time = time.perf_counter()
         self.model.train()
         while self.step < cfg.max_steps:
@@ -360,14 +376,9 @@ class Trainer:
                 "tokens_per_s": float(total[1]) / dt,
                 "time_s": time.perf_counter() - start_time,
             }
-            self.metrics.append(m)
-            if acc.is_main_process:
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(m) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                self.save_checkpoint()
+            self._finish_step(
+                m, metrics_path, bar, loss=f"{loss_value:.4f}", tok_s=f"{m['tokens_per_s']:.0f}"
+            )
         bar.close()
         if acc.is_main_process and self.metrics:
             plot_losses(self.metrics, self.out / "loss.png", cfg.name)
