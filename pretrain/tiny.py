@@ -34,7 +34,11 @@ __all__ = ["build_asset", "evaluate_open", "main", "prepare_data"]
 logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
-STAGES = ["stage2a_tiny", "stage2_tiny", "stage3_tiny"]  # Stage 1 (projector alignment) is part of Stage 0 here
+STAGES = [
+    "stage2a_tiny",
+    "stage2_tiny",
+    "stage3_tiny",
+]  # Stage 1 (projector alignment) is part of Stage 0 here
 STAGE0_DIR = Path("runs/keye-tiny/stage0")  # what stage1_tiny.yaml's init_from reads
 TRAIN_SEEDS = {"video": 1000, "image": 1001}
 # keye-tiny's regime of the generator (its training data and the held-out questions it is measured on): at most two
