@@ -1111,9 +1111,11 @@ def generate_dataset(
     per_sample: str = "one",
     workers: int = 1,
     progress: bool = True,
+    qtypes: Sequence[str] | None = None,
 ) -> Path:
     """Write ``n`` samples to ``<out_dir>/media/``, their full labels to ``<out_dir>/samples.jsonl`` and a chat
-    manifest (`write_manifest`, same ``seed``) to ``<out_dir>/manifest.jsonl``; return the manifest path.
+    manifest (`write_manifest`, same ``seed``, ``per_sample`` and ``qtypes``) to ``<out_dir>/manifest.jsonl``; return
+    the manifest path.
 
     Sample ``i`` is a video with probability ``video_share`` when both kinds are allowed (drawn from ``(seed, i)``)
     and is made by `make_video_sample` / `make_image_sample` with ``index=i``, so it is the same whatever ``n`` is and
@@ -1165,7 +1167,12 @@ def generate_dataset(
         for sample in samples:
             fh.write(json.dumps(sample.to_dict()) + "\n")
     return write_manifest(
-        samples, out_dir / "manifest.jsonl", question_style=question_style, seed=seed, per_sample=per_sample
+        samples,
+        out_dir / "manifest.jsonl",
+        question_style=question_style,
+        seed=seed,
+        per_sample=per_sample,
+        qtypes=qtypes,
     )
 
 
@@ -1185,6 +1192,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ds.add_argument("--duration", type=float, default=4.0)
     ds.add_argument("--video-share", type=float, default=0.5)
     ds.add_argument("--question-style", default="mixed", choices=QUESTION_STYLES)
+    ds.add_argument("--max-objects", type=int, default=4, help="at most this many shapes per scene")
+    ds.add_argument("--text-prob", type=float, default=0.5, help="share of scenes with on-screen text")
+    ds.add_argument(
+        "--per-sample", default="one", choices=("one", "all"), help="questions per medium in the manifest"
+    )
+    ds.add_argument("--qtypes", nargs="+", metavar="QTYPE", help="manifest keeps only these question types")
     ds.add_argument("--workers", type=int, default=1)
     demo = sub.add_parser("demo", help="write a demo clip")
     demo.add_argument("path")
@@ -1205,6 +1218,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             size=size,
             fps=args.fps,
             duration=args.duration,
+            max_objects=args.max_objects,
+            text_prob=args.text_prob,
+            per_sample=args.per_sample,
+            qtypes=args.qtypes,
             workers=args.workers,
         )
         dt = time.perf_counter() - t0

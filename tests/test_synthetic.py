@@ -381,3 +381,19 @@ def test_generate_dataset(tmp_path):
     ids = {json.loads(x)["id"] for x in other.read_text().splitlines()}
     assert len(ids) == 6 and not ids & {x["id"] for x in lines}
     assert all(x.startswith("syn-image-1-") for x in ids)
+
+
+def test_dataset_cli_filters_question_types_and_sets_the_generator(tmp_path):
+    from keye.synthetic import load_samples, main
+
+    main(
+        [
+            "dataset", str(tmp_path), "--n", "6", "--seed", "3", "--question-style", "open",
+            "--max-objects", "4", "--text-prob", "0", "--per-sample", "all", "--qtypes", "count",
+        ]
+    )  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    samples = load_samples(tmp_path / "samples.jsonl")
+    assert {x["meta"]["qtype"] for x in lines} == {"count"}
+    assert len(lines) == sum(q.qtype == "count" for s in samples for q in s.questions)
+    assert all(len(sc.objects) <= 4 and not sc.text for s in samples for sc in s.spec.scenes)
