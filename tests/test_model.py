@@ -8,13 +8,16 @@ from conftest import tiny_config
 from keye.rope import TextSpan, VisionSpan, mrope_positions
 
 
-def test_text_logits_match_transformers_llama(keye_tiny):
-    """keye's text model with SmolLM2 weights == transformers' LlamaForCausalLM on the same GGUF (fp32)."""
+def test_text_logits_match_transformers_llama():
+    """keye's text model with SmolLM2 weights (keye-tiny before its trained LoRA) == transformers' LlamaForCausalLM on
+    the same GGUF (fp32)."""
     from transformers import LlamaForCausalLM
 
+    from keye import load_pretrained
     from keye.pretrained import smollm2_gguf
+    from keye.training.model import keye_tiny_base
 
-    model, processor = keye_tiny
+    model, processor = load_pretrained(str(keye_tiny_base()), dtype=torch.float32)
     gguf = smollm2_gguf()
     ref = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     ids = processor([{"role": "user", "content": "Name three colours of the rainbow."}])["input_ids"]
