@@ -13,38 +13,28 @@ import time
 import numpy as np
 import torch
 
-from keye.configuration import KeyeConfig, KeyeTextConfig, KeyeVisionConfig
 from keye.modeling import KeyeForConditionalGeneration
 from keye.processing import IGNORE_INDEX
 from keye.training.data import collate_padded, pack_samples
 from keye.training.losses import lm_loss_sum
+from keye.training.testing import tiny_config
 
 __all__ = ["main", "measure"]
 
 
 def _model(vocab: int = 8192) -> KeyeForConditionalGeneration:
-    text = KeyeTextConfig(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        qk_norm=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e5},
-    )
-    vision = KeyeVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=56,
-        packing_position_embedding_size=0,
-    )
     torch.manual_seed(0)
-    config = KeyeConfig(
-        vision_config=vision, text_config=text, image_token_id=vocab - 2, video_token_id=vocab - 1
+    config = tiny_config(
+        vocab,
+        qk_norm=False,
+        text={
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 4,
+            "head_dim": 64,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e5},
+        },
+        vision={"num_hidden_layers": 1},
     )
     config._attn_implementation = "sdpa"
     return KeyeForConditionalGeneration(config).train()

@@ -15,36 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_config(
     qk_norm: bool = True, tie: bool = False, packing: int = 0, vocab: int = 256, tps: float | None = 2.0
 ):
-    """A random-weight Keye config small enough for unit tests (vision 32 wide, text 64 wide, 2 layers each)."""
-    from keye.configuration import KeyeConfig, KeyeTextConfig, KeyeVisionConfig
+    """A random-weight Keye config small enough for unit tests (`keye.training.testing.tiny_config`)."""
+    from keye.training.testing import tiny_config as make
 
-    vision = KeyeVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=56,
-        packing_position_embedding_size=packing,
-    )
-    text = KeyeTextConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        qk_norm=qk_norm,
-        tie_word_embeddings=tie,
-    )
-    return KeyeConfig(
-        vision_config=vision,
-        text_config=text,
-        tie_word_embeddings=tie,
-        image_token_id=vocab - 2,
-        video_token_id=vocab - 1,
-        tokens_per_second=tps,
-    )
+    return make(vocab, qk_norm=qk_norm, tie=tie, packing=packing, tokens_per_second=tps)
 
 
 @pytest.fixture

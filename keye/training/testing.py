@@ -1,7 +1,7 @@
 """Tiny, fast training fixtures for tests and benchmarks: a random Keye model folder and a small synthetic data mix.
 
-`make_tiny_model_folder` writes a config (vision 32 wide, text 64 wide, 2 layers each) with keye-tiny's tokenizer and
-processor settings, for ``model.path: random:<folder>``; `make_tiny_data` writes synthetic video/image manifests and a
+`tiny_config` is a random-weight config (vision 32 wide, text 64 wide, 2 layers each); `make_tiny_model_folder` writes
+one with keye-tiny's tokenizer and processor settings, for ``model.path: random:<folder>``; `make_tiny_data` writes synthetic video/image manifests and a
 text-only one; `tiny_train_config` puts both into a `TrainConfig`.
 """
 
@@ -12,12 +12,59 @@ from pathlib import Path
 
 from keye.training.config import TrainConfig, load_config
 
-__all__ = ["make_tiny_data", "make_tiny_model_folder", "tiny_train_config"]
+__all__ = ["make_tiny_data", "make_tiny_model_folder", "tiny_config", "tiny_train_config"]
+
+
+def tiny_config(
+    vocab: int = 256,
+    *,
+    qk_norm: bool = True,
+    tie: bool = False,
+    packing: int = 0,
+    text: dict | None = None,
+    vision: dict | None = None,
+    **config_kwargs,
+):
+    """A random-weight KeyeConfig small enough for unit tests: vision 32 wide, text 64 wide, 2 layers each. ``text`` /
+    ``vision`` override fields of the text / vision config; ``config_kwargs`` go to `KeyeConfig` (without token ids
+    the image and video tokens are the vocabulary's last two ids)."""
+    from keye.configuration import KeyeConfig, KeyeTextConfig, KeyeVisionConfig
+
+    vision_config = KeyeVisionConfig(
+        **{
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "packing_position_embedding_size": packing,
+            **(vision or {}),
+        }
+    )
+    text_config = KeyeTextConfig(
+        **{
+            "vocab_size": vocab,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "qk_norm": qk_norm,
+            "tie_word_embeddings": tie,
+            **(text or {}),
+        }
+    )
+    config_kwargs.setdefault("image_token_id", vocab - 2)
+    config_kwargs.setdefault("video_token_id", vocab - 1)
+    return KeyeConfig(
+        vision_config=vision_config, text_config=text_config, tie_word_embeddings=tie, **config_kwargs
+    )
 
 
 def make_tiny_model_folder(folder: str | Path, *, tie: bool = False) -> Path:
-    """A ``random:`` model folder: tiny KeyeConfig + keye-tiny's processor (tokenizer with the Keye tokens)."""
-    from keye.configuration import KeyeConfig, KeyeTextConfig, KeyeVisionConfig, token_id_fields
+    """A ``random:`` model folder: `tiny_config` with keye-tiny's processor (tokenizer with the Keye tokens)."""
+    from keye.configuration import token_id_fields
     from keye.pretrained import resolve
     from keye.processing import KeyeProcessor
 
@@ -25,34 +72,15 @@ def make_tiny_model_folder(folder: str | Path, *, tie: bool = False) -> Path:
     if (folder / "config.json").exists():
         return folder
     processor = KeyeProcessor.from_pretrained(resolve("keye-tiny"))
-    ids = processor.token_ids
-    vocab = len(processor.tokenizer)
-    vision = KeyeVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=56,
-        packing_position_embedding_size=0,
-    )
-    text = KeyeTextConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+    config = tiny_config(
+        len(processor.tokenizer),
         qk_norm=False,
-        tie_word_embeddings=tie,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        pad_token_id=processor.tokenizer.pad_token_id,
-    )
-    config = KeyeConfig(
-        vision_config=vision,
-        text_config=text,
-        tie_word_embeddings=tie,
-        **token_id_fields(ids),
+        tie=tie,
+        text={
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "pad_token_id": processor.tokenizer.pad_token_id,
+        },
+        **token_id_fields(processor.token_ids),
     )
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
