@@ -30,7 +30,7 @@ from keye.posttrain.rollout import response_logprobs
 from keye.posttrain.sft import PostTrainConfig, PostTrainer, inject_part_lora, resolve_media
 from keye.processing import IGNORE_INDEX
 from keye.training import load_config
-from keye.training.data import MixSchedule, collate_padded, encode_sample
+from keye.training.data import MixSchedule, collate_padded, encode_sample, read_manifest
 from keye.training.losses import model_inputs
 from keye.training.trainer import plot_losses
 
@@ -78,25 +78,8 @@ class PairSource:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.records: list[tuple[int, dict]] = []
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise KeyeInputError(self.path, f"cannot read manifest: {e}") from e
-        for n, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-                why = _why_bad(rec)
-            except json.JSONDecodeError as e:
-                why = f"invalid JSON ({e.msg})"
-            if why is not None:
-                logger.warning("%s:%d: skipped malformed line: %s", self.path, n, why)
-                continue
-            self.records.append((n, rec))
-        if not self.records:
-            raise KeyeInputError(self.path, "no usable preference pairs in manifest")
+        kept, _ = read_manifest(self.path, _why_bad, what="preference pairs")
+        self.records: list[tuple[int, dict]] = [(n, rec) for n, _, rec in kept]
 
     def __len__(self) -> int:
         return len(self.records)

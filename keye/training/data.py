@@ -42,6 +42,7 @@ __all__ = [
     "collate_padded",
     "encode_sample",
     "pack_samples",
+    "read_manifest",
 ]
 
 _BLOCK = 4096  # indices per block of the mixing schedule
@@ -69,6 +70,35 @@ def _validate_record(rec: Any) -> str | None:
     return None
 
 
+def read_manifest(path: str | Path, validate, what: str = "lines") -> tuple[list[tuple[int, str, dict]], int]:
+    """The usable lines of a JSONL manifest as ``(line number, text, record)``, and how many were skipped: a line that
+    is not JSON or that ``validate(record)`` (a reason, or None) rejects is logged with its number and skipped. An
+    unreadable file, or one without a usable line, is a `KeyeInputError` naming it."""
+    path = Path(path)
+    kept, skipped = [], 0
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as e:
+        raise KeyeInputError(path, f"cannot read manifest: {e}") from e
+    with fh:
+        for n, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+                why = validate(rec)
+            except json.JSONDecodeError as e:
+                why = f"invalid JSON ({e.msg})"
+            if why is not None:
+                logger.warning("%s:%d: skipped malformed line: %s", path, n, why)
+                skipped += 1
+                continue
+            kept.append((n, text, rec))
+    if not kept:
+        raise KeyeInputError(path, f"no usable {what} in manifest")
+    return kept, skipped
+
+
 class ManifestSource:
     """One JSONL manifest as a `datasets.Dataset` of ``{"line", "record"}``; bad lines are skipped and counted."""
 
@@ -77,31 +107,12 @@ class ManifestSource:
 
         self.path = Path(path)
         self.kind = kind
-        self.skipped = Counter()
-        lines, records = [], []
-        try:
-            fh = open(self.path, encoding="utf-8")
-        except OSError as e:
-            raise KeyeInputError(self.path, f"cannot read manifest: {e}") from e
-        with fh:
-            for n, text in enumerate(fh, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    rec = json.loads(text)
-                    why = _validate_record(rec)
-                except json.JSONDecodeError as e:
-                    why = f"invalid JSON ({e.msg})"
-                if why is not None:
-                    logger.warning("%s:%d: skipped malformed line: %s", self.path, n, why)
-                    self.skipped["malformed"] += 1
-                    continue
-                lines.append(n)
-                records.append(text)
-        if not records:
-            raise KeyeInputError(self.path, "no usable lines in manifest")
+        kept, skipped = read_manifest(self.path, _validate_record)
+        self.skipped = Counter({"malformed": skipped} if skipped else {})
         # The record stays a JSON string: message contents mix strings and lists, which Arrow cannot type.
-        self.dataset = datasets.Dataset.from_dict({"line": lines, "record": records})
+        self.dataset = datasets.Dataset.from_dict(
+            {"line": [k[0] for k in kept], "record": [k[1] for k in kept]}
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
