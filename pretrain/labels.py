@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["LabelHeads", "LabelsConfig", "WordTargets", "prepare_examples", "token_targets", "train_labels"]
+__all__ = [
+    "LabelHeads",
+    "LabelsConfig",
+    "WordTargets",
+    "prepare_examples",
+    "token_targets",
+    "train_labels",
+    "word_readout",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +207,26 @@ def _loss(out, batch: dict, targets: WordTargets) -> torch.Tensor:
     )
 
 
+def word_readout(projected: torch.Tensor, multi: torch.Tensor, targets: WordTargets, n_colours: int) -> dict:
+    """What the LLM can read off the projected tokens: over tokens showing exactly one colour (one shape), how often
+    the nearest colour (shape) word embedding by cosine is the true one. Exact targets read 100% on both."""
+    words = F.normalize(targets.objects, dim=-1)
+    proj = F.normalize(projected.float(), dim=-1)
+    out = {}
+    for name, sl in (("colour", slice(0, n_colours)), ("shape", slice(n_colours, words.shape[0]))):
+        hot = multi[:, sl]
+        one = hot.sum(1) == 1
+        nearest = (proj[one] @ words[sl].T).argmax(1)
+        out[f"word_{name}"] = (
+            float((nearest == hot[one].argmax(1)).float().mean()) if one.any() else float("nan")
+        )
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, heads: LabelHeads, examples: list[dict], targets: WordTargets) -> dict[str, float]:
-    """Held-out accuracy: exact token label sets (colours, shapes, pairs), background per token, count per frame; and
-    the mean cosine between projected tokens and their word targets."""
+    """Held-out accuracy: exact token label sets (colours, shapes, pairs), background per token, count per frame; the
+    mean cosine between projected tokens and their word targets, and their nearest-word readout (`word_readout`)."""
     if not examples:
         return {}
     batch = _collate(examples)
@@ -217,6 +241,7 @@ def evaluate(model, heads: LabelHeads, examples: list[dict], targets: WordTarget
     result["token_background"] = float((background.argmax(1) == batch["background"]).float().mean())
     result["frame_count"] = float((count.argmax(1) == batch["count"]).float().mean())
     result["word_cosine"] = float(F.cosine_similarity(projected.float(), targets(batch), dim=-1).mean())
+    result.update(word_readout(projected, batch["multi"], targets, nc))
     return {k: round(100 * v, 2) for k, v in result.items()}
 
 

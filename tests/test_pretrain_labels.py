@@ -118,3 +118,24 @@ def test_word_targets_are_the_label_words_embeddings():
 
     torch.testing.assert_close(got[0], (word("red") + word("square")) / 2)  # the square's token
     torch.testing.assert_close(got[5], word("navy"))  # a background token
+
+
+def test_word_readout_of_exact_targets_is_perfect_and_of_swapped_shapes_is_not():
+    from keye.pretrain.labels import _vocab, word_readout
+    from keye.pretrained import load_pretrained
+
+    model, processor = load_pretrained("keye-tiny")
+    targets = WordTargets(model, processor.tokenizer)
+    colours, shapes, pairs, _ = _vocab()
+    nc, ns = len(colours), len(shapes)
+    multi = torch.zeros(nc * ns, nc + ns + len(pairs))
+    for k in range(nc * ns):  # every colour-shape pair once
+        multi[k, k // ns] = multi[k, nc + k % ns] = 1
+    exact = targets({"multi": multi, "background": torch.zeros(nc * ns, dtype=torch.long)})
+    assert word_readout(exact, multi, targets, nc) == {"word_colour": 1.0, "word_shape": 1.0}
+    swapped = multi.clone()
+    swapped[:, nc : nc + ns] = multi[:, nc : nc + ns].roll(1, dims=1)  # tokens that look like the next shape
+    readout = word_readout(
+        targets({"multi": swapped, "background": torch.zeros(nc * ns, dtype=torch.long)}), multi, targets, nc
+    )
+    assert readout == {"word_colour": 1.0, "word_shape": 0.0}
