@@ -21,6 +21,18 @@ def tiny_config(
     return make(vocab, qk_norm=qk_norm, tie=tie, packing=packing, tokens_per_second=tps)
 
 
+def true_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, end)`` of every run of True in a 1D boolean tensor."""
+    runs, start = [], None
+    for i, on in enumerate([*mask.tolist(), False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
 @pytest.fixture
 def tiny_model():
     from keye.modeling import KeyeForConditionalGeneration

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import true_runs
 from keye.chat import ChatSession
 from keye.compression import COMPRESSIONS, clapper_inputs, compress_inputs
 from keye.configuration import KeyeConfig
@@ -45,19 +46,6 @@ def _prompt(processor, video, text="What is shown?"):
                                                    {"type": "text", "text": text}]}])  # fmt: skip
 
 
-def _runs(ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
-    """[start, end) of every run of ``token`` in a 1D id tensor."""
-    hit = (ids == token).tolist() + [False]
-    runs, start = [], None
-    for i, h in enumerate(hit):
-        if h and start is None:
-            start = i
-        elif not h and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
 @pytest.mark.parametrize("which", ["untrained", "trained"])
 def test_prompt_tokens_markers_and_positions(tiny, sample_video, which):
     plain, with_clapper, processor = tiny
@@ -80,7 +68,7 @@ def test_prompt_tokens_markers_and_positions(tiny, sample_video, which):
         if s + 1 < len(grids):
             expected.append((s + 1, qh, qw))
     assert result.grids == expected
-    runs = _runs(ids, vid)
+    runs = true_runs(ids == vid)
     assert [e - s for s, e in runs] == [h * w for _, h, w in result.grids]
 
     # each chunk keeps the markers of the frame it is dated to; folded frames lose theirs; text outside is unchanged

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from conftest import true_runs
 from keye.processing import IGNORE_INDEX
 from keye.training.testing import make_tiny_data, make_tiny_model_folder, tiny_train_config
 
@@ -17,19 +18,6 @@ from keye.training.testing import make_tiny_data, make_tiny_model_folder, tiny_t
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     return make_tiny_model_folder(root / "model"), make_tiny_data(root / "data", n=4)
-
-
-def _spans(labels: torch.Tensor) -> list[tuple[int, int]]:
-    """Contiguous runs of trained positions, as (start, end)."""
-    on = (labels != IGNORE_INDEX).tolist()
-    spans, start = [], None
-    for i, x in enumerate([*on, False]):
-        if x and start is None:
-            start = i
-        elif not x and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
 
 
 def test_loss_covers_exactly_the_assistant_tokens_of_a_two_turn_chat(tiny):
@@ -59,7 +47,7 @@ def test_loss_covers_exactly_the_assistant_tokens_of_a_two_turn_chat(tiny):
     ids, labels = s["input_ids"], s["labels"]
     trained = labels != IGNORE_INDEX
     assert torch.equal(labels[trained], ids[trained])  # a trained label is the token itself
-    spans = _spans(labels)
+    spans = true_runs(labels != IGNORE_INDEX)
     texts = [processor.tokenizer.decode(ids[a:b]) for a, b in spans]
     assert texts == [
         "<think>\nIt looks red.\n</think>\n\nred<|im_end|>",
