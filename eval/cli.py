@@ -66,6 +66,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``eval`` and its subcommands to keye's CLI; each sets ``func`` (``func(args) -> exit status``)."""
+    from keye.synthetic import add_object_scale_argument
+
     parser = subparsers.add_parser("eval", help="evaluate on Video-MME, MLVU or the synthetic benchmark")
     sub = parser.add_subparsers(
         dest="eval_command", required=True, metavar="{videomme,mlvu,synthetic,compare}"
@@ -94,6 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     synthetic.add_argument(
         "--text-prob", type=float, help="share of scenes with on-screen text (generator default: 0.5)"
     )
+    add_object_scale_argument(synthetic)
     _common(synthetic)
 
     compare = sub.add_parser("compare", help="two finished runs side by side")
@@ -141,6 +144,7 @@ def _build_task(args: argparse.Namespace, out: Path):
         data=args.data or out / "benchmark",
         max_objects=args.max_objects,
         text_prob=args.text_prob,
+        object_scale=tuple(args.object_scale) if args.object_scale else None,
     )
 
 

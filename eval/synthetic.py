@@ -38,6 +38,9 @@ PARQUET = "videomme/test-00000-of-00001.parquet"
 MANIFEST = "synthetic.json"
 
 
+_KNOBS = ("max_objects", "text_prob", "object_scale")  # the generator's difficulty; recorded only when set
+
+
 def _manifest(
     seed: int, n: int, size: tuple[int, int], fps: float, duration: float, scene: dict[str, Any]
 ) -> dict[str, Any]:
@@ -65,11 +68,13 @@ def write_synthetic_videomme(
     duration: float = 4.0,
     max_objects: int | None = None,
     text_prob: float | None = None,
+    object_scale: tuple[float, float] | None = None,
 ) -> Path:
     """Write (or find already written) the synthetic benchmark with ``n`` questions from ``seed``; return ``root``.
 
-    ``max_objects``/``text_prob`` set the generator's difficulty (None: its defaults, 4 objects and text in half the
-    scenes); keye-tiny is trained and measured at ``max_objects=2, text_prob=0`` (see keye.pretrain.tiny).
+    ``max_objects``/``text_prob``/``object_scale`` set the generator's difficulty (None: its defaults, 4 objects, text
+    in half the scenes, objects 0.16-0.24 of the frame); keye-tiny is trained and measured at ``max_objects=2,
+    text_prob=0, object_scale=(0.3, 0.42)`` (see keye.pretrain.tiny).
 
     Idempotent and safe when several processes call it at once: the benchmark is built in a private folder and moved
     into place; a ``root`` already holding the same benchmark (``synthetic.json``) is reused as is.
@@ -81,7 +86,8 @@ def write_synthetic_videomme(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     root = Path(root)
-    scene = {"max_objects": max_objects, "text_prob": text_prob}
+    scale = None if object_scale is None else [float(x) for x in object_scale]
+    scene = {"max_objects": max_objects, "text_prob": text_prob, "object_scale": scale}
     manifest = _manifest(seed, n, tuple(size), fps, duration, scene)
     if (root / MANIFEST).exists():
         found = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
@@ -150,6 +156,7 @@ class Synthetic(Task):
     duration: float = 4.0
     max_objects: int | None = None
     text_prob: float | None = None
+    object_scale: tuple[float, float] | None = None
 
     def __post_init__(self):
         self.data = Path(self.data)
@@ -158,7 +165,7 @@ class Synthetic(Task):
     def config(self) -> dict[str, Any]:
         # Unset difficulty knobs are left out, as in the benchmark's manifest: runs from before they existed resume.
         out = super().config()
-        return {k: v for k, v in out.items() if k not in ("max_objects", "text_prob") or v is not None}
+        return {k: v for k, v in out.items() if k not in _KNOBS or v is not None}
 
     def load(self) -> list[Question]:
         write_synthetic_videomme(
@@ -170,6 +177,7 @@ class Synthetic(Task):
             duration=self.duration,
             max_objects=self.max_objects,
             text_prob=self.text_prob,
+            object_scale=self.object_scale,
         )
         return self._bench.load()
 

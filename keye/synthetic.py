@@ -333,6 +333,16 @@ class _SceneParams:
             raise ValueError(f"unknown shapes or colours: {unknown}")
         if not 1 <= self.max_objects <= min(len(self.shapes), 4):
             raise ValueError(f"max_objects must be in [1, min(4, len(shapes))], got {self.max_objects}")
+        lo, hi = self.object_scale
+        if not 0 < lo <= hi <= 0.5:
+            raise ValueError(f"object_scale must satisfy 0 < lo <= hi <= 0.5, got {self.object_scale}")
+
+
+def _scene_params(max_objects, text_prob, shapes, colours, object_scale) -> _SceneParams:
+    scale = {} if object_scale is None else {"object_scale": (float(object_scale[0]), float(object_scale[1]))}
+    params = _SceneParams(max_objects, text_prob, tuple(shapes), tuple(colours), **scale)
+    params.validate()
+    return params
 
 
 def _make_scene(
@@ -744,11 +754,11 @@ def make_video_spec(
     text_prob: float = 0.5,
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
+    object_scale: tuple[float, float] | None = None,
 ) -> VideoSpec:
     """The labels of video ``(seed, index)`` without rendering anything (see `make_video_sample`)."""
     size = _check_size(size)
-    params = _SceneParams(max_objects, text_prob, tuple(shapes), tuple(colours))
-    params.validate()
+    params = _scene_params(max_objects, text_prob, shapes, colours, object_scale)
     rng = _rng(seed, index, "video", _STREAM_LAYOUT)
     if n_scenes is None:
         n_scenes = int(rng.integers(1, 4))
@@ -765,11 +775,11 @@ def make_image_spec(
     text_prob: float = 0.5,
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
+    object_scale: tuple[float, float] | None = None,
 ) -> VideoSpec:
     """The labels of image ``(seed, index)`` (one still scene, ``fps = 0``, one frame) without rendering anything."""
     size = _check_size(size)
-    params = _SceneParams(max_objects, text_prob, tuple(shapes), tuple(colours))
-    params.validate()
+    params = _scene_params(max_objects, text_prob, shapes, colours, object_scale)
     return _make_spec(_rng(seed, index, "image", _STREAM_LAYOUT), size, 0.0, 1, 1, False, params)
 
 
@@ -786,13 +796,15 @@ def make_video_sample(
     text_prob: float = 0.5,
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
+    object_scale: tuple[float, float] | None = None,
     crf: int = 23,
 ) -> Sample:
     """Write ``<out_dir>/<id>.mp4`` (H.264) and return its `Sample`; the id is ``syn-video-<seed>-<index>``.
 
     ``size`` is ``(H, W)`` with even sides; ``duration * fps`` is rounded to whole frames; ``n_scenes`` None draws 1,
-    2 or 3 scenes uniformly; each scene has 1..``max_objects`` objects and text with probability ``text_prob``. The
-    sample depends only on ``(seed, index)`` and these arguments.
+    2 or 3 scenes uniformly; each scene has 1..``max_objects`` objects and text with probability ``text_prob``; an
+    object's side is drawn from ``object_scale`` (fractions of the shorter frame side; None: 0.16-0.24). The sample
+    depends only on ``(seed, index)`` and these arguments.
     """
     spec = make_video_spec(
         seed,
@@ -805,6 +817,7 @@ def make_video_sample(
         text_prob=text_prob,
         shapes=shapes,
         colours=colours,
+        object_scale=object_scale,
     )
     sample_id = f"syn-video-{seed}-{index:06d}"
     path = Path(out_dir) / f"{sample_id}.mp4"
@@ -823,6 +836,7 @@ def make_image_sample(
     text_prob: float = 0.5,
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
+    object_scale: tuple[float, float] | None = None,
 ) -> Sample:
     """Write ``<out_dir>/<id>.png`` (one still scene) and return its `Sample` (id ``syn-image-<seed>-<index>``)."""
     spec = make_image_spec(
@@ -833,6 +847,7 @@ def make_image_sample(
         text_prob=text_prob,
         shapes=shapes,
         colours=colours,
+        object_scale=object_scale,
     )
     sample_id = f"syn-image-{seed}-{index:06d}"
     path = Path(out_dir) / f"{sample_id}.png"
@@ -1108,6 +1123,7 @@ def generate_dataset(
     n_scenes: int | None = None,
     max_objects: int = 4,
     text_prob: float = 0.5,
+    object_scale: tuple[float, float] | None = None,
     per_sample: str = "one",
     workers: int = 1,
     progress: bool = True,
@@ -1139,8 +1155,14 @@ def generate_dataset(
             "n_scenes": n_scenes,
             "max_objects": max_objects,
             "text_prob": text_prob,
+            "object_scale": object_scale,
         },
-        "image": {"size": size, "max_objects": max_objects, "text_prob": text_prob},
+        "image": {
+            "size": size,
+            "max_objects": max_objects,
+            "text_prob": text_prob,
+            "object_scale": object_scale,
+        },
     }
 
     def kind_of(i: int) -> str:
@@ -1176,6 +1198,17 @@ def generate_dataset(
     )
 
 
+def add_object_scale_argument(parser) -> None:
+    """``--object-scale LO HI`` (None when not given), as every command that generates media takes it."""
+    parser.add_argument(
+        "--object-scale",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="object side as a fraction of the frame's shorter side (generator default: 0.16 0.24)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m keye.synthetic dataset OUT --n 100 --seed 0`` or ``python -m keye.synthetic demo OUT.mp4``."""
     import argparse
@@ -1194,6 +1227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ds.add_argument("--question-style", default="mixed", choices=QUESTION_STYLES)
     ds.add_argument("--max-objects", type=int, default=4, help="at most this many shapes per scene")
     ds.add_argument("--text-prob", type=float, default=0.5, help="share of scenes with on-screen text")
+    add_object_scale_argument(ds)
     ds.add_argument(
         "--per-sample", default="one", choices=("one", "all"), help="questions per medium in the manifest"
     )
@@ -1220,6 +1254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             duration=args.duration,
             max_objects=args.max_objects,
             text_prob=args.text_prob,
+            object_scale=tuple(args.object_scale) if args.object_scale else None,
             per_sample=args.per_sample,
             qtypes=args.qtypes,
             workers=args.workers,

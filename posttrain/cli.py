@@ -50,14 +50,15 @@ def prepare_data(
     fps: float = 4,
     max_objects: int = 4,
     text_prob: float = 0.5,
+    object_scale: tuple[float, float] | None = None,
     rl_qtypes: list[str] | None = None,
 ) -> dict:
     """Synthetic post-training data under ``out``: ``media/`` (videos and images with every question), SFT
     ``think.jsonl`` / ``no_think.jsonl``, RL ``rl_prompts.jsonl`` (multiple choice, with hints), ``rl_heldout.jsonl``
     (another seed), ``pairs.jsonl`` (preference pairs), and the Thyme tool-use task (`write_tool_task`: zoom into a
     corner, measure a width) as ``thyme_prompts.jsonl`` / ``thyme_heldout.jsonl``. ``fps``/``max_objects``/
-    ``text_prob`` set the generator (keye-tiny was trained at 8 fps, 4 s, 2 objects, no text); ``rl_qtypes`` keeps
-    only those question types in the two RL manifests."""
+    ``text_prob``/``object_scale`` set the generator (keye-tiny was trained at 8 fps, 4 s, 2 objects, no text, objects
+    0.3-0.42 of the frame); ``rl_qtypes`` keeps only those question types in the two RL manifests."""
     from pathlib import Path
 
     from keye.posttrain.dpo import write_preference_pairs
@@ -73,6 +74,7 @@ def prepare_data(
         duration=duration,
         max_objects=max_objects,
         text_prob=text_prob,
+        object_scale=object_scale,
         per_sample="all",
         progress=False,
     )
@@ -125,6 +127,7 @@ def _data(args: argparse.Namespace) -> int:
         fps=args.fps,
         max_objects=args.max_objects,
         text_prob=args.text_prob,
+        object_scale=tuple(args.object_scale) if args.object_scale else None,
         rl_qtypes=args.rl_qtypes,
     )
     for key, path in paths.items():
@@ -134,6 +137,8 @@ def _data(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sft``, ``rl``, ``dpo``, ``merge-lora``, ``posttrain-data`` and ``posttrain-eval``; each sets ``func(args) -> status``."""
+    from keye.synthetic import add_object_scale_argument
+
     for name, module, help_ in (
         ("sft", "sft", "supervised fine-tuning (full or LoRA) from a YAML config"),
         ("rl", "rl", "GSPO reinforcement learning on verifiable image/video prompts"),
@@ -180,6 +185,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--fps", type=float, default=4, help="video frame rate")
     d.add_argument("--max-objects", type=int, default=4, help="at most this many shapes per scene")
     d.add_argument("--text-prob", type=float, default=0.5, help="share of scenes with on-screen text")
+    add_object_scale_argument(d)
     d.add_argument(
         "--rl-qtypes",
         nargs="+",

@@ -146,15 +146,20 @@ def test_synthetic_benchmark_is_videomme_format(tmp_path):
 
 def test_synthetic_benchmark_difficulty_knobs(tmp_path):
     kw = dict(seed=3, n=12, size=(64, 64), fps=4, duration=2.0)
-    root = write_synthetic_videomme(tmp_path / "easy", max_objects=1, text_prob=0.0, **kw)
+    easy = dict(max_objects=1, text_prob=0.0, object_scale=(0.3, 0.42))
+    root = write_synthetic_videomme(tmp_path / "easy", **easy, **kw)
     manifest = json.loads((root / "synthetic.json").read_text())
     assert manifest["max_objects"] == 1 and manifest["text_prob"] == 0.0
+    assert manifest["object_scale"] == [0.3, 0.42]
     rows = read_videomme(root)
     assert all(r["task_type"] != TASK_TYPES["text"] for r in rows)  # no on-screen text, no text questions
     counts = [r for r in rows if r["task_type"] == TASK_TYPES["count"]]
     assert counts and all(r["options"][ord(r["answer"]) - 65].endswith(" 1") for r in counts)
     with pytest.raises(FileExistsError):  # the same folder at another difficulty is refused
         write_synthetic_videomme(root, **kw)
+    with pytest.raises(FileExistsError):
+        write_synthetic_videomme(root, **{**easy, "object_scale": (0.16, 0.24)}, **kw)
+    assert write_synthetic_videomme(root, **easy, **kw) == root
 
 
 def test_registry_builds_every_task(tmp_path):

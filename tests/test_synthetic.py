@@ -397,3 +397,23 @@ def test_dataset_cli_filters_question_types_and_sets_the_generator(tmp_path):
     assert {x["meta"]["qtype"] for x in lines} == {"count"}
     assert len(lines) == sum(q.qtype == "count" for s in samples for q in s.questions)
     assert all(len(sc.objects) <= 4 and not sc.text for s in samples for sc in s.spec.scenes)
+
+
+def test_object_scale_sets_the_object_sizes_and_is_validated():
+    sizes = {
+        scale: [
+            o.size
+            for i in range(30)
+            for sc in make_video_spec(4, index=i, max_objects=2, text_prob=0.0, object_scale=scale).scenes
+            for o in sc.objects
+        ]
+        for scale in [(0.16, 0.24), (0.3, 0.42)]
+    }
+    # 112-pixel frames; placement may shrink a crowded scene by 8% per failed round, never grow it
+    assert all(0.92**3 * 0.3 * 112 <= s <= 0.42 * 112 + 1 for s in sizes[(0.3, 0.42)])
+    assert all(s <= 0.24 * 112 + 1 for s in sizes[(0.16, 0.24)])
+    assert np.mean(sizes[(0.3, 0.42)]) > 1.5 * np.mean(sizes[(0.16, 0.24)])
+    default = make_video_spec(4, index=0, max_objects=2, text_prob=0.0)
+    assert default == make_video_spec(4, index=0, max_objects=2, text_prob=0.0, object_scale=(0.16, 0.24))
+    with pytest.raises(ValueError, match="object_scale"):
+        make_video_spec(4, object_scale=(0.4, 0.3))
