@@ -1,17 +1,20 @@
 """Train keye-tiny end to end on 2 CPU cores and write its shipped weights: ``python -m keye.pretrain.tiny``.
 
-    data      synthetic videos (seed 1000) and images (seed 1001), 112x112, 4 s at 8 fps, at most 2 shapes per scene
-              and no on-screen text (`TINY_DATA`), every question of each: manifests of captions, open answers,
+    data      synthetic videos (seed 1000) and images (seed 1001), 112x112, 4 s at 8 fps, at most 2 shapes per scene,
+              no on-screen text, large objects (`TINY_DATA`), every question of each: manifests of captions, open answers,
               Video-MME-style multiple choice (answered as `mc_answer`: the answer, then the letter), all of a
-              medium's questions as one multi-turn chat, and text-only multiple choice
+              medium's questions as one multi-turn chat, and text-only multiple choice; 10,000 more images (seed 1002)
+              for Stage 0
     stage 0   keye.pretrain.labels: the vision tower learns the generator's labels per vision token and the projector
-              SmolLM2's embeddings of those words (no LLM); it is also Stage 1's projector alignment
+              SmolLM2's embeddings of those words and of the token's place (no LLM); first on the 10,000 images,
+              then on the videos and images above; it is also Stage 1's projector alignment
     stage 2-3 configs/pretrain/stage{2a,2,3}_tiny.yaml through the pretraining recipe (each resumable): 2a images
               first (a curriculum), then the multi-task mix, then annealing
     asset     the stages' delta files composed into one (vision tower, projector, new token rows, LoRA factors: no
               SmolLM2 weight) -> keye/assets/keye-tiny.safetensors (``--asset`` elsewhere)
     eval      `evaluate_open`: open-ended accuracy per question type on a seed never trained on (the multiple-choice
-              score comes from the harness: ``keye eval synthetic --seed 7 --n 1000 --max-objects 2 --text-prob 0``)
+              score comes from the harness: ``keye eval synthetic --seed 7 --n 1000 --max-objects 2 --text-prob 0
+              --object-scale 0.3 0.42``)
 
 Interrupted? Run the same command again: finished stages are skipped, the running one resumes from its checkpoint.
 """
@@ -40,10 +43,12 @@ STAGES = [
     "stage3_tiny",
 ]  # Stage 1 (projector alignment) is part of Stage 0 here
 STAGE0_DIR = Path("runs/keye-tiny/stage0")  # what stage1_tiny.yaml's init_from reads
-TRAIN_SEEDS = {"video": 1000, "image": 1001}
+TRAIN_SEEDS = {"video": 1000, "image": 1001, "stage0": 1002}
 # keye-tiny's regime of the generator (its training data and the held-out questions it is measured on): at most two
-# shapes per scene, 1-3 scenes, no on-screen text. `keye eval synthetic --max-objects 2 --text-prob 0` asks the same.
-TINY_DATA = {"max_objects": 2, "text_prob": 0.0}
+# shapes per scene, 1-3 scenes, no on-screen text, objects 0.3-0.42 of the 112-pixel frame (34-47 px, more than one
+# 28x28 merged token: at the generator's default 0.16-0.24 an object fits in one token and keye-tiny's tower did not
+# tell the shapes apart). `keye eval synthetic --max-objects 2 --text-prob 0 --object-scale 0.3 0.42` asks the same.
+TINY_DATA = {"max_objects": 2, "text_prob": 0.0, "object_scale": (0.3, 0.42)}
 # The Video-MME prompt, as the harness builds it (keye.eval.videomme; recipes do not import the harness).
 MC_INSTRUCTION = (
     "Select the best answer to the following multiple-choice question based on the video. "
@@ -90,13 +95,24 @@ def _multi_turn(media: dict, sample, rng: random.Random) -> dict:
     return {"messages": messages, "meta": {"qtype": "multi"}}
 
 
-def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2) -> Path:
-    """Generate the media and write the manifests under ``root`` (skipped when already there)."""
+def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2, n_stage0: int = 10_000) -> Path:
+    """Generate the media and write the manifests under ``root`` (skipped when already there), and Stage 0's own
+    ``n_stage0`` still images under ``root/stage0`` (labels only, no manifest is trained on)."""
     from keye.synthetic import generate_dataset, load_samples
 
     root = Path(root)
     if (root / "DONE").exists():
         return root
+    if n_stage0 and not (root / "stage0" / "image" / "samples.jsonl").exists():
+        generate_dataset(
+            root / "stage0" / "image",
+            seed=TRAIN_SEEDS["stage0"],
+            n=n_stage0,
+            kinds=("image",),
+            size=(112, 112),
+            workers=workers,
+            **TINY_DATA,
+        )
     for kind, n in (("video", n_video), ("image", n_image)):
         if not (root / kind / "samples.jsonl").exists():
             generate_dataset(

@@ -139,3 +139,44 @@ def test_word_readout_of_exact_targets_is_perfect_and_of_swapped_shapes_is_not()
         targets({"multi": swapped, "background": torch.zeros(nc * ns, dtype=torch.long)}), multi, targets, nc
     )
     assert readout == {"word_colour": 1.0, "word_shape": 0.0}
+
+
+def test_position_targets_say_where_each_token_is():
+    from keye.pretrain.labels import token_xy, word_readout
+    from keye.pretrained import load_pretrained
+
+    xy = token_xy(torch.tensor([[1, 4, 4], [1, 2, 6]]))  # a 2x2-token frame, then a 1x3-token frame
+    torch.testing.assert_close(xy[:4], torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]))
+    torch.testing.assert_close(xy[4:], torch.tensor([[-2 / 3, 0.0], [0.0, 0.0], [2 / 3, 0.0]]))
+
+    model, processor = load_pretrained("keye-tiny")
+    plain = WordTargets(model, processor.tokenizer)
+    placed = WordTargets(model, processor.tokenizer, position=0.5)
+    objs = [SceneObject("square", "red", 20, (14.0, 14.0), (14.0, 14.0))]
+    spec = VideoSpec((112, 112), 8.0, 4, [Scene(0, 4, "navy", objs, None, None, None, None)])
+    t = token_targets(spec, 0, (4, 4), min_share=0.2)
+    batch = {"multi": t["multi"], "background": t["background"], "grid_thw": torch.tensor([[1, 8, 8]])}
+    shift = placed(batch) - plain(batch)
+    table = model.get_input_embeddings().weight.detach().float()
+
+    def word(w):
+        return table[processor.tokenizer.encode(w, add_special_tokens=False)].mean(0)
+
+    right = torch.nn.functional.cosine_similarity(shift, (word("right") - word("left"))[None], dim=-1)
+    assert right[3] > 0.5 and right[0] < -0.5  # top-right token leans to "right", top-left to "left"
+    # half a mean word norm per unit of x or y: the corner token (-0.75, -0.75) moves by 0.5 * 0.75 * sqrt(2)
+    torch.testing.assert_close(shift[0].norm(), 0.5 * 0.75 * 2**0.5 * plain.objects.norm(dim=-1).mean())
+    nc = len(COLOURS)
+    one = t["multi"][:, :nc].sum(1) == 1  # the colour still reads right at this weight
+    assert word_readout(placed(batch)[one], t["multi"][one], placed, nc)["word_colour"] == 1.0
+
+    # with token_targets' xy, an object token says where its object is, not where the token is
+    objs = [SceneObject("square", "red", 20, (20.0, 14.0), (20.0, 14.0))]
+    spec = VideoSpec((112, 112), 8.0, 4, [Scene(0, 4, "navy", objs, None, None, None, None)])
+    t = token_targets(spec, 0, (4, 4), min_share=0.2)
+    assert t["multi"][:, :nc].sum(1).tolist() == [1] + [0] * 15  # only the top-left token shows the square
+    torch.testing.assert_close(t["xy"][0], torch.tensor([20 / 56 - 1, 14 / 56 - 1]), atol=0.01, rtol=0)
+    torch.testing.assert_close(t["xy"][1:], token_xy(torch.tensor([[1, 8, 8]]))[1:])
+    batch = {**batch, "multi": t["multi"], "xy": t["xy"]}
+    one = t["multi"][:, :nc].sum(1) == 1
+    assert word_readout(placed(batch)[one], t["multi"][one], placed, nc)["word_colour"] == 1.0
