@@ -46,8 +46,9 @@ STAGE0_DIR = Path("runs/keye-tiny/stage0")  # what stage1_tiny.yaml's init_from 
 TRAIN_SEEDS = {"video": 1000, "image": 1001, "stage0": 1002}
 # keye-tiny's regime of the generator (its training data and the held-out questions it is measured on): at most two
 # shapes per scene, 1-3 scenes, no on-screen text, objects 0.3-0.42 of the 112-pixel frame (34-47 px, more than one
-# 28x28 merged token: at the generator's default 0.16-0.24 an object fits in one token and keye-tiny's tower did not
-# tell the shapes apart). `keye eval synthetic --max-objects 2 --text-prob 0 --object-scale 0.3 0.42` asks the same.
+# 28x28 merged token; at the default 0.16-0.24 one token holds a whole object). Larger objects alone did not teach the
+# tower shapes (Stage 0's word_shape 30 -> 34%); Stage 0's own 10,000 images did (87%, keye.pretrain.labels).
+# `keye eval synthetic --max-objects 2 --text-prob 0 --object-scale 0.3 0.42` asks the same.
 TINY_DATA = {"max_objects": 2, "text_prob": 0.0, "object_scale": (0.3, 0.42)}
 # The Video-MME prompt, as the harness builds it (keye.eval.videomme; recipes do not import the harness).
 MC_INSTRUCTION = (
