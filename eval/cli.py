@@ -144,7 +144,7 @@ def _build_task(args: argparse.Namespace, out: Path):
         data=args.data or out / "benchmark",
         max_objects=args.max_objects,
         text_prob=args.text_prob,
-        object_scale=tuple(args.object_scale) if args.object_scale else None,
+        object_scale=args.object_scale,
     )
 
 

@@ -68,7 +68,7 @@ def write_synthetic_videomme(
     duration: float = 4.0,
     max_objects: int | None = None,
     text_prob: float | None = None,
-    object_scale: tuple[float, float] | None = None,
+    object_scale: Sequence[float] | None = None,
 ) -> Path:
     """Write (or find already written) the synthetic benchmark with ``n`` questions from ``seed``; return ``root``.
 
@@ -156,7 +156,7 @@ class Synthetic(Task):
     duration: float = 4.0
     max_objects: int | None = None
     text_prob: float | None = None
-    object_scale: tuple[float, float] | None = None
+    object_scale: Sequence[float] | None = None
 
     def __post_init__(self):
         self.data = Path(self.data)

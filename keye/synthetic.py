@@ -754,7 +754,7 @@ def make_video_spec(
     text_prob: float = 0.5,
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
-    object_scale: tuple[float, float] | None = None,
+    object_scale: Sequence[float] | None = None,
 ) -> VideoSpec:
     """The labels of video ``(seed, index)`` without rendering anything (see `make_video_sample`)."""
     size = _check_size(size)
@@ -775,7 +775,7 @@ def make_image_spec(
     text_prob: float = 0.5,
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
-    object_scale: tuple[float, float] | None = None,
+    object_scale: Sequence[float] | None = None,
 ) -> VideoSpec:
     """The labels of image ``(seed, index)`` (one still scene, ``fps = 0``, one frame) without rendering anything."""
     size = _check_size(size)
@@ -796,7 +796,7 @@ def make_video_sample(
     text_prob: float = 0.5,
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
-    object_scale: tuple[float, float] | None = None,
+    object_scale: Sequence[float] | None = None,
     crf: int = 23,
 ) -> Sample:
     """Write ``<out_dir>/<id>.mp4`` (H.264) and return its `Sample`; the id is ``syn-video-<seed>-<index>``.
@@ -836,7 +836,7 @@ def make_image_sample(
     text_prob: float = 0.5,
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
-    object_scale: tuple[float, float] | None = None,
+    object_scale: Sequence[float] | None = None,
 ) -> Sample:
     """Write ``<out_dir>/<id>.png`` (one still scene) and return its `Sample` (id ``syn-image-<seed>-<index>``)."""
     spec = make_image_spec(
@@ -1123,7 +1123,7 @@ def generate_dataset(
     n_scenes: int | None = None,
     max_objects: int = 4,
     text_prob: float = 0.5,
-    object_scale: tuple[float, float] | None = None,
+    object_scale: Sequence[float] | None = None,
     per_sample: str = "one",
     workers: int = 1,
     progress: bool = True,
@@ -1254,7 +1254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             duration=args.duration,
             max_objects=args.max_objects,
             text_prob=args.text_prob,
-            object_scale=tuple(args.object_scale) if args.object_scale else None,
+            object_scale=args.object_scale,
             per_sample=args.per_sample,
             qtypes=args.qtypes,
             workers=args.workers,

@@ -50,7 +50,7 @@ def prepare_data(
     fps: float = 4,
     max_objects: int = 4,
     text_prob: float = 0.5,
-    object_scale: tuple[float, float] | None = None,
+    object_scale: list[float] | tuple[float, float] | None = None,
     rl_qtypes: list[str] | None = None,
 ) -> dict:
     """Synthetic post-training data under ``out``: ``media/`` (videos and images with every question), SFT
@@ -127,7 +127,7 @@ def _data(args: argparse.Namespace) -> int:
         fps=args.fps,
         max_objects=args.max_objects,
         text_prob=args.text_prob,
-        object_scale=tuple(args.object_scale) if args.object_scale else None,
+        object_scale=args.object_scale,
         rl_qtypes=args.rl_qtypes,
     )
     for key, path in paths.items():

@@ -223,7 +223,7 @@ class WordTargets:
         def words(names):
             return torch.stack([table[tokenizer.encode(n, add_special_tokens=False)].mean(0) for n in names])
 
-        self.n_colours, self.n_shapes = len(colours), len(shapes)
+        self.n_colours, self.n_shapes, self.position = len(colours), len(shapes), position
         self.objects = torch.cat([words(colours), words(shapes)])  # (n_colours + n_shapes, D)
         self.backgrounds = words(backgrounds)  # (n_backgrounds, D)
         left, right, up, down = words(["left", "right", "up", "down"])
@@ -237,7 +237,7 @@ class WordTargets:
         n = hot.sum(1, keepdim=True)
         obj = hot @ self.objects / n.clamp(min=1)
         out = torch.where(n > 0, obj, self.backgrounds[batch["background"]])
-        if self.axes.abs().sum() > 0:
+        if self.position:
             out = out + _xy(batch) @ self.axes
         return out
 
@@ -302,7 +302,7 @@ def evaluate(model, heads: LabelHeads, examples: list[dict], targets: WordTarget
     result["frame_count"] = float((count.argmax(1) == batch["count"]).float().mean())
     result["word_cosine"] = float(F.cosine_similarity(projected.float(), targets(batch), dim=-1).mean())
     result.update(word_readout(projected, batch["multi"], targets, nc))
-    if targets.axes.abs().sum() > 0:  # the place the tokens say against the true one (off-centre tokens)
+    if targets.position:  # the place the tokens say against the true one (off-centre tokens)
         said = (projected.float() - projected.float().mean(0)) @ targets.axes.T
         xy = _xy(batch)
         off = xy.abs() >= 0.25

@@ -102,8 +102,7 @@ def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2, n_sta
     from keye.synthetic import generate_dataset, load_samples
 
     root = Path(root)
-    if (root / "DONE").exists():
-        return root
+    # before the DONE check: data written before Stage 0 had images of its own gets them too
     if n_stage0 and not (root / "stage0" / "image" / "samples.jsonl").exists():
         generate_dataset(
             root / "stage0" / "image",
@@ -114,6 +113,8 @@ def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2, n_sta
             workers=workers,
             **TINY_DATA,
         )
+    if (root / "DONE").exists():
+        return root
     for kind, n in (("video", n_video), ("image", n_image)):
         if not (root / kind / "samples.jsonl").exists():
             generate_dataset(
