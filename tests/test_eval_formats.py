@@ -177,3 +177,21 @@ def test_registry_builds_every_task(tmp_path):
     }
     with pytest.raises(KeyError, match="unknown task"):
         get_task("nope")
+
+
+def test_eval_synthetic_cli_passes_the_difficulty_knobs(tmp_path):
+    import argparse
+
+    from keye.eval.cli import _build_task, add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["eval", "synthetic", "--seed", "3", "--n", "4", "--max-objects", "1", "--text-prob", "0",
+         "--object-scale", "0.3", "0.42", "--data", str(tmp_path / "bench")]
+    )  # fmt: skip
+    task = _build_task(args, tmp_path)
+    assert len(task.load()) == 4
+    manifest = json.loads((tmp_path / "bench" / "synthetic.json").read_text())
+    assert (manifest["max_objects"], manifest["text_prob"], manifest["object_scale"]) == (1, 0.0, [0.3, 0.42])
+    assert task.config()["object_scale"] == [0.3, 0.42]

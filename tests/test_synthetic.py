@@ -390,6 +390,7 @@ def test_dataset_cli_filters_question_types_and_sets_the_generator(tmp_path):
         [
             "dataset", str(tmp_path), "--n", "6", "--seed", "3", "--question-style", "open",
             "--max-objects", "4", "--text-prob", "0", "--per-sample", "all", "--qtypes", "count",
+            "--object-scale", "0.3", "0.42",
         ]
     )  # fmt: skip
     lines = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
@@ -397,6 +398,9 @@ def test_dataset_cli_filters_question_types_and_sets_the_generator(tmp_path):
     assert {x["meta"]["qtype"] for x in lines} == {"count"}
     assert len(lines) == sum(q.qtype == "count" for s in samples for q in s.questions)
     assert all(len(sc.objects) <= 4 and not sc.text for s in samples for sc in s.spec.scenes)
+    # objects of 0.3-0.42 of the 112-pixel frame (placement shrinks a crowded scene by 8% a round, never grows it)
+    sizes = [o.size for s in samples for sc in s.spec.scenes for o in sc.objects]
+    assert all(0.92**6 * 0.3 * 112 <= x <= 0.42 * 112 + 1 for x in sizes) and max(sizes) > 0.24 * 112 + 1
 
 
 def test_object_scale_sets_the_object_sizes_and_is_validated():
