@@ -76,8 +76,9 @@ def main(repeat: int = 3, frame_counts: tuple[int, ...] = (32, 64, 128)) -> dict
                 for mode, slowfast, compress in MODES:
                     inputs = prompts[slowfast]
                     pixels, grids = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+                    refs = inputs.get("video_reference_index")
                     if compress == "none":  # the vision tower alone (the same for the compressed modes)
-                        embeds = _timed(times[slowfast, "vision"], model.encode_vision, pixels, grids)
+                        embeds = _timed(times[slowfast, "vision"], model.encode_vision, pixels, grids, refs)
 
                     def prefill(inputs=inputs, compress=compress):
                         x, tokens = compress_inputs(model, inputs, compress)
@@ -92,7 +93,9 @@ def main(repeat: int = 3, frame_counts: tuple[int, ...] = (32, 64, 128)) -> dict
                     row.setdefault(mode, {})["prompt"] = int(x["input_ids"].shape[1])
             # what a trained TimePerceiver of the paper's size would add (the untrained stand-in has no layers)
             tokens = model.encode_vision(
-                prompts[True]["pixel_values_videos"], prompts[True]["video_grid_thw"]
+                prompts[True]["pixel_values_videos"],
+                prompts[True]["video_grid_thw"],
+                prompts[True].get("video_reference_index"),
             )
             sizes = [(h // 2, w // 2) for _, h, w in prompts[True]["video_grid_thw"].tolist()]
             frames = list(tokens.split([h * w for h, w in sizes]))

@@ -63,6 +63,7 @@ __all__ = [
     "sample_positions",
     "plan_from_labels",
     "plan_video",
+    "reference_frames",
 ]
 
 # Features are computed this many frames at a time: about 20 MB of float32 patch vectors at 256 tokens per frame.
@@ -155,6 +156,18 @@ class VideoPlan:
                 self.total_tokens if self.tokens_after_compression is None else self.tokens_after_compression
             ),
         }
+
+
+def reference_frames(kinds: list[str]) -> list[int]:
+    """The frame each sampled frame is compared with (a projector's temporal branch, `keye.modeling.KeyeProjector`):
+    a fast frame's reference is the latest slow frame (the one Slow-Fast found it similar to), a slow frame's the
+    frame before it, the first frame's itself (no reference). Indices into ``kinds``."""
+    refs, last_slow = [], 0
+    for i, kind in enumerate(kinds):
+        refs.append(last_slow if kind == "fast" else max(i - 1, 0))
+        if kind == "slow":
+            last_slow = i
+    return refs
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ class KeyePredictor:
         if compress == "none":
             with torch.inference_mode():
                 full["video_embeds"] = self.model.encode_vision(
-                    full["pixel_values_videos"].to(self.model.device), full["video_grid_thw"]
+                    full["pixel_values_videos"].to(self.model.device),
+                    full["video_grid_thw"],
+                    full.get("video_reference_index"),
                 )
         inputs, n_tokens = compress_inputs(self.model, full, compress)  # encodes the video (once)
         end = int((inputs["input_ids"][0] == self.model.config.vision_end_token_id).nonzero()[-1]) + 1

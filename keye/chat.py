@@ -94,6 +94,7 @@ class ChatSession:
             "image_grid_thw",
             "pixel_values_videos",
             "video_grid_thw",
+            "video_reference_index",
             "video_embeds",
         ):
             if key in inputs:

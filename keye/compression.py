@@ -121,7 +121,9 @@ def _rewrite(
     if n_video != embeds.shape[0]:
         raise ValueError(f"compression: {embeds.shape[0]} video tokens for {n_video} places")
     out = {
-        k: v for k, v in inputs.items() if k not in ("pixel_values_videos", "video_grid_thw", "video_embeds")
+        k: v
+        for k, v in inputs.items()
+        if k not in ("pixel_values_videos", "video_grid_thw", "video_reference_index", "video_embeds")
     }
     for k in _PER_TOKEN:
         if k in inputs:
@@ -141,7 +143,8 @@ def _encode(model, inputs) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, 
     features = model.vision(pixels, grids)  # (P, D_vit)
     merged = model.projector.merge_patches(features, grids)  # (N, 4*D_vit)
     m = model.config.projector.merge_size
-    return merged, model.projector.project(merged), [(h // m, w // m) for _, h, w in grids.tolist()]
+    projected = model.projector.project(merged, grids, inputs.get("video_reference_index"))
+    return merged, projected, [(h // m, w // m) for _, h, w in grids.tolist()]
 
 
 @torch.no_grad()

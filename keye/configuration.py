@@ -31,7 +31,11 @@ VISION_TOKENS = {
 
 @strict
 class KeyeProjectorConfig(PreTrainedConfig):
-    """2x2 patch merge -> LayerNorm -> Linear -> GELU -> Linear (Keye-VL-1.5's `mlp_AR`)."""
+    """2x2 patch merge -> LayerNorm -> Linear -> GELU -> Linear (Keye-VL-1.5's `mlp_AR`).
+
+    ``temporal_hidden_size`` > 0 adds a temporal branch (not in Keye-VL-1.5; keye-tiny has one): each video frame's
+    merged tokens also see its reference frame's (`keye.encoders.slowfast.reference_frames`) at the same place, so a
+    token can say how things moved, which a frame alone cannot show."""
 
     model_type = "keye_projector"
     base_config_key = "projector_config"
@@ -39,6 +43,7 @@ class KeyeProjectorConfig(PreTrainedConfig):
     merge_size: int = 2
     layer_norm_eps: float = 1e-5
     hidden_act: str = "gelu"
+    temporal_hidden_size: int = 0
 
 
 @strict
@@ -198,7 +203,7 @@ def keye_tiny_config(text_config: KeyeTextConfig | dict, **token_ids) -> KeyeCon
     text = text_config if isinstance(text_config, KeyeTextConfig) else KeyeTextConfig(**text_config)
     return KeyeConfig(
         vision_config=vision,
-        projector_config=KeyeProjectorConfig(),
+        projector_config=KeyeProjectorConfig(temporal_hidden_size=256),
         text_config=text,
         tie_word_embeddings=text.tie_word_embeddings,
         tokens_per_second=2.0,

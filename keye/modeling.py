@@ -3,6 +3,8 @@
 Data flow of `KeyeForConditionalGeneration.forward`:
 
     pixel_values (N, 3*14*14), *_grid_thw  --vision-->  (N, D_vit)  --projector-->  (N/4, D_llm)
+        (+ video_reference_index: each frame's tokens also see its reference frame's, when the projector has a
+        temporal branch)
     input_ids (B, T)  --embed_tokens-->  (B, T, D_llm); vision tokens replace the <|image_pad|>/<|video_pad|> slots
     position_ids (3, B, T) M-RoPE (from `KeyeProcessor`; see `keye.rope`)  -->  decoder  -->  logits (B, T, V)
 
@@ -16,6 +18,7 @@ lives in `keye.encoders.vision`; the optional Clapper TimePerceiver (``config.cl
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -32,8 +35,44 @@ from keye.encoders.clapper import TimePerceiver
 from keye.encoders.vision import KeyeVisionConfig, KeyeVisionModel, VisionRotaryEmbedding
 
 
+class KeyeTemporalBranch(nn.Module):
+    """What a video frame's tokens add from its reference frame (``KeyeProjectorConfig.temporal_hidden_size``).
+
+    Each merged token sees itself, the reference frame's merged tokens at the same place (average-pooled to this
+    frame's grid when the sizes differ) and both frames' means; an MLP maps that to a residual on the projected token.
+    The last layer starts at zero, so an untrained branch changes nothing."""
+
+    def __init__(self, config: KeyeConfig):
+        super().__init__()
+        self.merge = config.projector.merge_size
+        width = 4 * config.vision.hidden_size * self.merge**2
+        self.norm = nn.LayerNorm(width, eps=config.projector.layer_norm_eps)
+        self.linear_1 = nn.Linear(width, config.projector.temporal_hidden_size)
+        self.act = ACT2FN[config.projector.hidden_act]
+        self.linear_2 = nn.Linear(config.projector.temporal_hidden_size, config.text.hidden_size)
+        self.linear_2._keye_zero_init = True  # KeyePreTrainedModel._init_weights
+
+    def forward(self, merged: torch.Tensor, grid_thw: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """merged ``(M, 4*D_vit)`` in frame order; reference ``(frames,)``: the frame each frame compares with
+        (itself: none). Returns ``(M, D_llm)``."""
+        m = self.merge
+        sizes = [(h // m, w // m) for t, h, w in grid_thw.tolist() for _ in range(t)]
+        if reference.numel() != len(sizes):
+            raise ValueError(f"temporal branch: {reference.numel()} reference frames for {len(sizes)} frames")
+        frames = merged.split([h * w for h, w in sizes])
+        rows = []
+        for x, hw, r in zip(frames, sizes, reference.tolist()):
+            ref = frames[r]
+            if sizes[r] != hw:
+                ref = F.adaptive_avg_pool2d(ref.t().reshape(1, -1, *sizes[r]), hw).flatten(2)[0].t()
+            means = torch.cat([x.mean(0), frames[r].mean(0)]).expand(x.shape[0], -1)
+            rows.append(torch.cat([x, ref, means], dim=1))  # (h*w, 4 * 4*D_vit)
+        return self.linear_2(self.act(self.linear_1(self.norm(torch.cat(rows)))))
+
+
 class KeyeProjector(nn.Module):
-    """Merge each 2x2 block of patch features into one LLM token (Keye-VL-1.5's ``mlp_AR``)."""
+    """Merge each 2x2 block of patch features into one LLM token (Keye-VL-1.5's ``mlp_AR``), plus the temporal branch
+    when configured."""
 
     def __init__(self, config: KeyeConfig):
         super().__init__()
@@ -43,6 +82,10 @@ class KeyeProjector(nn.Module):
         self.linear_1 = nn.Linear(width, width)
         self.act = ACT2FN[config.projector.hidden_act]
         self.linear_2 = nn.Linear(width, config.text.hidden_size)
+        self.temporal = None
+        if config.projector.temporal_hidden_size:
+            with torch.random.fork_rng(devices=[]):  # the rest of a seeded model initialises as without it
+                self.temporal = KeyeTemporalBranch(config)
 
     def merge_patches(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Row-major patches ``(N, D)`` -> merged tokens ``(N/4, 4*D)``; token (i, j) holds patches (2i+a, 2j+b)."""
@@ -54,12 +97,24 @@ class KeyeProjector(nn.Module):
             out.append(x.reshape(t * (h // m) * (w // m), -1))
         return torch.cat(out)
 
-    def project(self, merged: torch.Tensor) -> torch.Tensor:
-        """Merged patch features ``(M, 4*D_vit)`` -> LLM tokens ``(M, D_llm)``."""
-        return self.linear_2(self.act(self.linear_1(self.pre_norm(merged))))
+    def project(
+        self,
+        merged: torch.Tensor,
+        grid_thw: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Merged patch features ``(M, 4*D_vit)`` -> LLM tokens ``(M, D_llm)``. With ``reference`` (video frames:
+        `keye.encoders.slowfast.reference_frames`, counted over ``grid_thw``'s frames) the temporal branch adds its
+        residual; without it, or without a branch, the projection is Keye-VL-1.5's."""
+        out = self.linear_2(self.act(self.linear_1(self.pre_norm(merged))))
+        if self.temporal is not None and reference is not None:
+            out = out + self.temporal(merged, grid_thw.cpu(), reference.cpu())
+        return out
 
-    def forward(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        return self.project(self.merge_patches(features, grid_thw))  # (N/4, D_llm)
+    def forward(
+        self, features: torch.Tensor, grid_thw: torch.Tensor, reference: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.project(self.merge_patches(features, grid_thw), grid_thw, reference)  # (N/4, D_llm)
 
 
 class KeyeTextModel(nn.Module):
@@ -134,6 +189,11 @@ class KeyePreTrainedModel(PreTrainedModel):
             init.zeros_(module.frame_embed)
             init.zeros_(module.out_proj.weight)
             init.zeros_(module.out_proj.bias)
+        # the temporal branch starts as no change; marked on its Linear, since transformers skips initialising a
+        # custom module without parameters of its own
+        if getattr(module, "_keye_zero_init", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
 
 class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
@@ -165,10 +225,14 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear):
         self.lm_head = value
 
-    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Pixels ``(N, 3*14*14)`` -> LLM-width vision tokens ``(N/4, D_llm)``, in the order of ``grid_thw``."""
+    def encode_vision(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, reference: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pixels ``(N, 3*14*14)`` -> LLM-width vision tokens ``(N/4, D_llm)``, in the order of ``grid_thw``.
+        ``reference``: video frames' reference frames (``video_reference_index``), for the projector's temporal
+        branch."""
         features = self.vision(pixel_values.to(self.vision.embeddings.patch_embedding.weight.dtype), grid_thw)
-        return self.projector(features, grid_thw)
+        return self.projector(features, grid_thw, reference)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
@@ -200,6 +264,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         image_grid_thw: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.LongTensor | None = None,
+        video_reference_index: torch.LongTensor | None = None,
         image_embeds: torch.Tensor | None = None,
         video_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -207,7 +272,9 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``position_ids``: ``(3, B, T)`` M-RoPE ids, ``(4, B, T)`` with per-sample text positions first (packed
-        training), ``(B, T)`` for text only, or None (text only, continuing after the cache)."""
+        training), ``(B, T)`` for text only, or None (text only, continuing after the cache).
+        ``video_reference_index`` ``(frames,)``: each video frame's reference frame (`KeyeProcessor` returns it; only
+        a projector with a temporal branch reads it)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -215,7 +282,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         if pixel_values is not None and image_embeds is None:
             image_embeds = self.encode_vision(pixel_values, image_grid_thw)
         if pixel_values_videos is not None and video_embeds is None:
-            video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw)
+            video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw, video_reference_index)
         has_vision = image_embeds is not None or video_embeds is not None
         if has_vision and input_ids is None:
             raise ValueError("vision inputs need input_ids to locate their pad tokens")
@@ -268,6 +335,7 @@ __all__ = [
     "KeyeForConditionalGeneration",
     "KeyePreTrainedModel",
     "KeyeProjector",
+    "KeyeTemporalBranch",
     "KeyeTextModel",
     "KeyeVisionConfig",
 ]

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_WEIGHTS = ASSETS / "keye-tiny.safetensors"
-TINY_RECIPE_VERSION = "4"  # bump when the way keye-tiny is assembled changes, to rebuild caches
+TINY_RECIPE_VERSION = "5"  # bump when the way keye-tiny is assembled changes, to rebuild caches
 
 # keye-tiny's video defaults: 112x112-ish frames (16 tokens) for slow frames, a small budget for a 2-core CPU.
 TINY_SETTINGS = dict(

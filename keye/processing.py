@@ -24,6 +24,7 @@ import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from keye.configuration import VISION_TOKENS
+from keye.encoders.slowfast import reference_frames
 from keye.errors import ContextLengthError
 from keye.rope import PromptLayout, TextSpan, VisionSpan
 
@@ -302,13 +303,14 @@ class KeyeProcessor:
         """Process one conversation (a list of messages) or a batch of them.
 
         Returns ``input_ids``, ``attention_mask``, ``position_ids`` (3, B, T), and when present ``pixel_values``,
-        ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``labels`` (``return_labels``: only the
+        ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``video_reference_index`` (each video
+        frame's reference frame, `keye.encoders.slowfast.reference_frames`), ``labels`` (``return_labels``: only the
         assistant turns' tokens are trained). ``.videos`` holds each video's `VideoInput` (frames, Slow-Fast plan),
         ``.layouts`` each conversation's `PromptLayout` (its spans, for `keye.compression`).
         """
         batch = [messages] if messages and isinstance(messages[0], dict) else messages
         all_ids, all_labels, all_pos, layouts = [], [], [], []
-        pix, img_grids, vpix, vid_grids, loaded = [], [], [], [], []
+        pix, img_grids, vpix, vid_grids, vid_refs, loaded = [], [], [], [], [], []
         for conv in batch:
             pieces = self.render(conv, add_generation_prompt, think)
             images, videos = [], []
@@ -322,6 +324,7 @@ class KeyeProcessor:
                     video = self.load_video(piece[1], **video_overrides)
                     patches, grids = self.preprocess_video(video)
                     vpix.append(patches)
+                    vid_refs.extend(len(vid_grids) + r for r in reference_frames(video.kinds))
                     vid_grids.extend(grids)
                     videos.append((len(loaded), video, grids))
                     loaded.append(video)
@@ -359,6 +362,7 @@ class KeyeProcessor:
         if vpix:
             data["pixel_values_videos"] = torch.cat(vpix)
             data["video_grid_thw"] = torch.tensor(vid_grids, dtype=torch.long)
+            data["video_reference_index"] = torch.tensor(vid_refs, dtype=torch.long)
         out = BatchFeature(data=data)
         out.videos = loaded
         out.layouts = layouts  # per conversation, unpadded: what `keye.compression` rewrites

@@ -123,6 +123,12 @@ class GroupRollout:
             if pixels in self.prompt:
                 inputs[pixels] = self.prompt[pixels].repeat(g, 1)  # (G*N, 3*14*14), whole blocks in order
                 inputs[grid] = self.prompt[grid].repeat(g, 1)  # (G*items, 3)
+        if "video_reference_index" in self.prompt:  # frame indices: copy k counts from k times the frames
+            refs, frames = (
+                self.prompt["video_reference_index"],
+                int(self.prompt["video_grid_thw"][:, 0].sum()),
+            )
+            inputs["video_reference_index"] = torch.cat([refs + k * frames for k in range(g)])  # (G*frames,)
         return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
 
 
@@ -196,7 +202,8 @@ def sample_group(
         ("pixel_values_videos", "video_grid_thw", "video_embeds"),
     ):
         if pixels in prompt:
-            tokens = model.encode_vision(prompt[pixels].to(device), prompt[grid].to(device))  # (N/4, D)
+            refs = prompt.get("video_reference_index") if pixels == "pixel_values_videos" else None
+            tokens = model.encode_vision(prompt[pixels].to(device), prompt[grid].to(device), refs)  # (N/4, D)
             batch[embeds] = tokens.repeat(g, 1)  # (G*N/4, D)
     eos = _eos_ids(model)
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos[0]

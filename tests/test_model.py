@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -124,3 +125,32 @@ def test_auto_classes_are_registered(tmp_path):
     config.save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), keye.KeyeConfig)
     assert isinstance(AutoModelForImageTextToText.from_config(config), keye.KeyeForConditionalGeneration)
+
+
+def test_temporal_branch_starts_as_no_change_then_reads_the_reference_frame():
+    from keye.configuration import KeyeProjectorConfig
+    from keye.modeling import KeyeForConditionalGeneration
+    from keye.training.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = KeyeForConditionalGeneration(
+        tiny_config(projector_config=KeyeProjectorConfig(temporal_hidden_size=16))
+    ).eval()
+    grid = torch.tensor([[1, 4, 4], [1, 2, 2], [1, 2, 2]])  # a slow frame, then two fast frames
+    pixels = torch.randn(16 + 4 + 4, 3 * 14 * 14)
+    ref = torch.tensor([0, 0, 0])  # the fast frames compare with the slow one
+    with torch.no_grad():
+        plain = model.encode_vision(pixels, grid)
+        torch.testing.assert_close(model.encode_vision(pixels, grid, ref), plain)  # zero-initialised: Keye's
+        model.projector.temporal.linear_2.weight.normal_(std=0.1)
+        with_ref = model.encode_vision(pixels, grid, ref)
+        other = pixels.clone()
+        other[:16] = torch.randn(16, 3 * 14 * 14)  # change only the slow (reference) frame
+        changed = model.encode_vision(other, grid, ref)
+        own = model.encode_vision(other, grid, torch.tensor([0, 1, 2]))  # every frame its own reference
+        own_before = model.encode_vision(pixels, grid, torch.tensor([0, 1, 2]))
+    assert not torch.allclose(with_ref, plain)
+    assert not torch.allclose(changed[4:], with_ref[4:])  # the fast frames' tokens see the slow frame
+    torch.testing.assert_close(own[4:], own_before[4:])  # ... and only through the reference
+    with pytest.raises(ValueError, match="reference frames"):
+        model.encode_vision(pixels, grid, torch.tensor([0, 0]))

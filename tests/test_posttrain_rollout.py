@@ -92,3 +92,5 @@ def test_sample_group_video_prompt(keye_tiny, tmp_path):
         inputs["pixel_values_videos"][: len(rollout.prompt["pixel_values_videos"])],
         rollout.prompt["pixel_values_videos"],
     )
+    refs = rollout.prompt["video_reference_index"]  # the second copy's frames refer to the second copy
+    assert inputs["video_reference_index"].tolist() == refs.tolist() + (refs + frames).tolist()

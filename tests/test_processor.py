@@ -49,6 +49,17 @@ def test_pad_counts_equal_model_tokens(keye_tiny, image_path, sample_video):
     assert out.logits.shape[:2] == ids.shape
 
 
+def test_reference_frames_count_over_the_videos_of_a_batch(keye_tiny, sample_video):
+    from keye.encoders.slowfast import reference_frames
+
+    _, processor = keye_tiny
+    two = [{"type": "video", "video": str(sample_video)}, {"type": "video", "video": str(sample_video)}]
+    inputs = processor([{"role": "user", "content": [*two, {"type": "text", "text": "Same?"}]}])
+    refs = reference_frames(inputs.videos[0].kinds)
+    assert inputs["video_reference_index"].tolist() == refs + [len(refs) + r for r in refs]
+    assert inputs["video_reference_index"].shape[0] == inputs["video_grid_thw"].shape[0]
+
+
 def test_labels_cover_assistant_turns_only(keye_tiny):
     _, processor = keye_tiny
     msgs = [

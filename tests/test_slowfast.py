@@ -555,3 +555,11 @@ def test_torch_threads_restored(vdir, tmp_path):
     with pytest.raises(VideoDecodeError):
         plan_video(bad)
     assert torch.get_num_threads() == threads
+
+
+def test_reference_frames_point_fast_frames_at_their_slow_frame():
+    from keye.encoders.slowfast import reference_frames
+
+    kinds = ["slow", "fast", "fast", "slow", "slow", "fast"]
+    assert reference_frames(kinds) == [0, 0, 0, 2, 3, 4]  # first: itself; slow: the frame before
+    assert reference_frames(["slow"]) == [0]

@@ -214,3 +214,40 @@ def test_merge_is_the_weighted_average(tmp_path):
         main(["merge", str(tmp_path / "x"), str(tmp_path / "z.safetensors"), "--out", str(tmp_path / "n")])
         == 2
     )
+
+
+def test_batched_videos_keep_their_own_reference_frames(tiny):
+    """The projector's temporal branch reads frame indices: batching offsets them, so each video's tokens are the
+    same as when it is encoded alone."""
+    from keye.configuration import KeyeConfig
+    from keye.modeling import KeyeForConditionalGeneration
+    from keye.training.data import collate_padded, pack_samples
+
+    model_dir, data = tiny
+    samples, pad = _samples(model_dir, data, 16)
+    videos = []  # different videos (the manifest asks several questions about each)
+    for s in samples:
+        if "video_reference_index" in s and not any(
+            v["pixel_values_videos"].shape == s["pixel_values_videos"].shape
+            and torch.equal(v["pixel_values_videos"], s["pixel_values_videos"])
+            for v in videos
+        ):
+            videos.append(s)
+    assert len(videos) >= 2
+    other = next(s for s in samples if "video_reference_index" not in s)
+    samples = [videos[0], other, videos[1]]  # an image or text sample between them
+    config = KeyeConfig.from_pretrained(model_dir)
+    config.projector_config.temporal_hidden_size = 16
+    torch.manual_seed(0)
+    model = KeyeForConditionalGeneration(config).eval()
+    torch.nn.init.normal_(model.projector.temporal.linear_2.weight, std=0.1)
+
+    def encode(batch):
+        return model.encode_vision(
+            batch["pixel_values_videos"], batch["video_grid_thw"], batch["video_reference_index"]
+        )
+
+    with torch.no_grad():
+        alone = torch.cat([encode(s) for s in videos])
+        for batch in (pack_samples([samples[:2], samples[2:]], pad), collate_padded(samples, pad)):
+            torch.testing.assert_close(encode(batch), alone)

@@ -194,7 +194,13 @@ def encode_sample(
         "labels": enc["labels"][0],  # (T,)
         "position_ids": enc["position_ids"][:, 0],  # (3, T)
     }
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    for key in (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "video_reference_index",
+    ):
         if key in enc:
             sample[key] = enc[key]
     return sample
@@ -208,6 +214,12 @@ def _cat_vision(samples: list[dict], out: dict) -> None:
             out[grid] = torch.cat([s[grid] for _, s in have])  # (items, 3)
             # The sample each grid row belongs to (Stage 0 pools vision features per sample).
             out[grid + "_owner"] = torch.cat([torch.full((len(s[grid]),), i) for i, s in have])  # (items,)
+    refs = [s for s in samples if "video_reference_index" in s]
+    if refs:  # frame indices: each sample's count from the frames of the samples before it
+        offsets = torch.tensor([0] + [int(s["video_grid_thw"][:, 0].sum()) for s in refs[:-1]]).cumsum(0)
+        out["video_reference_index"] = torch.cat(
+            [s["video_reference_index"] + o for s, o in zip(refs, offsets)]
+        )
 
 
 def pack_samples(rows: list[list[dict]], pad_id: int) -> dict:

@@ -26,6 +26,7 @@ MODEL_INPUTS = (
     "image_grid_thw",
     "pixel_values_videos",
     "video_grid_thw",
+    "video_reference_index",
 )
 
 

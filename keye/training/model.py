@@ -62,12 +62,14 @@ def set_rope_theta(model: KeyeForConditionalGeneration, theta: float) -> None:
 def keye_tiny_base() -> Path:
     """keye-tiny before training: SmolLM2 + the Keye tokens + the seeded random vision tower and projector, whatever
     asset is shipped (so that retraining keye-tiny starts where the shipped weights started)."""
-    from keye.pretrained import build_keye_tiny, keye_home
+    from keye.pretrained import TINY_RECIPE_VERSION, build_keye_tiny, keye_home
 
     folder = keye_home() / "keye-tiny-base"
-    if not (folder / "config.json").exists():
+    version = folder / "recipe_version.txt"  # a folder built by an older recipe may lack a module
+    if not (folder / "config.json").exists() or not version.exists() or version.read_text() != TINY_RECIPE_VERSION:
         folder.parent.mkdir(parents=True, exist_ok=True)
         build_keye_tiny(folder, vision_weights=None)
+        version.write_text(TINY_RECIPE_VERSION)
     return folder
 
 
