@@ -7,7 +7,9 @@
               for Stage 0
     stage 0   keye.pretrain.labels: the vision tower learns the generator's labels per vision token and the projector
               SmolLM2's embeddings of those words and of the token's place (no LLM); first on the 10,000 images,
-              then on the videos and images above; it is also Stage 1's projector alignment
+              then on the videos and images above; last the projector alone, with its temporal branch, learns to
+              add the word of the way a frame's scene moves (and drops the place); it is also Stage 1's projector
+              alignment
     stage 2-3 configs/pretrain/stage{2a,2,3}_tiny.yaml through the pretraining recipe (each resumable): 2a images
               first (a curriculum), then the multi-task mix, then annealing
     asset     the stages' delta files composed into one (vision tower, projector, new token rows, LoRA factors: no

@@ -180,3 +180,75 @@ def test_position_targets_say_where_each_token_is():
     batch = {**batch, "multi": t["multi"], "xy": t["xy"]}
     one = t["multi"][:, :nc].sum(1) == 1
     assert word_readout(placed(batch)[one], t["multi"][one], placed, nc)["word_colour"] == 1.0
+
+
+def test_frame_motion_needs_a_reference_in_the_same_moving_scene():
+    from keye.pretrain.labels import frame_motion
+    from keye.synthetic import DIRECTIONS
+
+    moving = [SceneObject("square", "red", 20, (30.0, 50.0), (80.0, 50.0))]
+    still = [SceneObject("star", "blue", 20, (50.0, 50.0), (50.0, 50.0))]
+    spec = VideoSpec(
+        (112, 112),
+        8.0,
+        16,
+        [Scene(0, 8, "navy", moving, "right", None, None, None), Scene(8, 16, "ivory", still, None, None, None, None)],
+    )
+    # frame 0: no reference; 4 -> 0 same moving scene; 8 -> 4 across the cut; 12 -> 8 same scene, but still
+    assert frame_motion(spec, [0, 4, 8, 12], [0, 0, 1, 2]) == [-1, DIRECTIONS.index("right"), -1, -1]
+
+
+def test_motion_targets_add_the_direction_word():
+    from keye.pretrained import load_pretrained
+    from keye.synthetic import DIRECTIONS
+
+    model, processor = load_pretrained("keye-tiny")
+    targets = WordTargets(model, processor.tokenizer, motion=True)
+    objs = [SceneObject("square", "red", 20, (14.0, 14.0), (14.0, 14.0))]
+    spec = VideoSpec((112, 112), 8.0, 4, [Scene(0, 4, "navy", objs, "up", None, None, None)])
+    t = token_targets(spec, 0, (4, 4), min_share=0.2)
+    up = DIRECTIONS.index("up")
+    got = targets({"multi": t["multi"], "background": t["background"], "motion": torch.full((16,), up)})
+    still = targets({"multi": t["multi"], "background": t["background"], "motion": torch.full((16,), -1)})
+    table = model.get_input_embeddings().weight.detach().float()
+
+    def word(w):
+        return table[processor.tokenizer.encode(w, add_special_tokens=False)].mean(0)
+
+    torch.testing.assert_close(got[0], (word("red") + word("square") + word("up")) / 3)
+    torch.testing.assert_close(got[5], (word("navy") + word("up")) / 2)
+    torch.testing.assert_close(still[0], (word("red") + word("square")) / 2)
+
+
+def test_the_motion_phase_trains_the_projector_alone_and_lowers_its_loss(tmp_path):
+    import io
+    import json
+
+    from keye.pretrain.labels import LabelsConfig, _train_motion
+    from keye.pretrained import load_pretrained
+
+    generate_dataset(
+        tmp_path / "video",
+        seed=7,
+        n=4,
+        kinds=("video",),
+        per_sample="all",
+        max_objects=2,
+        text_prob=0.0,
+        progress=False,
+    )
+    model, processor = load_pretrained("keye-tiny")
+    examples = prepare_examples(tmp_path, processor, min_share=0.2)
+    assert any((e["motion"] >= 0).any() for e in examples)  # some frame shows its scene moving
+    assert all(len(e["reference"]) == len(e["motion"]) == e["grid_thw"].shape[0] for e in examples)
+    tower = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    branch = model.projector.temporal.linear_2.weight.detach().clone()
+    targets = WordTargets(model, processor.tokenizer, motion=True)
+    log = io.StringIO()
+    torch.manual_seed(0)
+    cfg = LabelsConfig(motion_steps=12, batch=4, lr=3e-3, warmup=1, motion_readout=0.2)
+    _train_motion(cfg, model, targets, examples, log)
+    losses = [json.loads(line)["motion_loss"] for line in log.getvalue().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+    assert all(torch.equal(v, model.vision.state_dict()[k]) for k, v in tower.items())  # the tower is frozen
+    assert not torch.equal(model.projector.temporal.linear_2.weight, branch)
