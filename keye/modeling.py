@@ -84,7 +84,8 @@ class KeyeProjector(nn.Module):
         self.linear_2 = nn.Linear(width, config.text.hidden_size)
         self.temporal = None
         if config.projector.temporal_hidden_size:
-            with torch.random.fork_rng(devices=[]):  # the rest of a seeded model initialises as without it
+            # a seeded model's vision tower and projector (what keye-tiny trains from its seed) initialise as without it
+            with torch.random.fork_rng(devices=[]):
                 self.temporal = KeyeTemporalBranch(config)
 
     def merge_patches(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -154,3 +154,24 @@ def test_temporal_branch_starts_as_no_change_then_reads_the_reference_frame():
     torch.testing.assert_close(own[4:], own_before[4:])  # ... and only through the reference
     with pytest.raises(ValueError, match="reference frames"):
         model.encode_vision(pixels, grid, torch.tensor([0, 0]))
+
+
+def test_temporal_branch_leaves_the_seeded_init_of_the_vision_side_alone():
+    from keye.configuration import KeyeProjectorConfig
+    from keye.modeling import KeyeForConditionalGeneration
+    from keye.training.testing import tiny_config
+
+    states = []
+    for width in (0, 16):
+        torch.manual_seed(0)
+        model = KeyeForConditionalGeneration(
+            tiny_config(projector_config=KeyeProjectorConfig(temporal_hidden_size=width))
+        )
+        states.append(model.state_dict())
+    plain, branched = states
+    assert set(branched) - set(plain) == {
+        f"projector.temporal.{k}" for k in ("norm.weight", "norm.bias", "linear_1.weight", "linear_1.bias",
+                                            "linear_2.weight", "linear_2.bias")
+    }  # fmt: skip
+    vision_side = [k for k in plain if k.startswith(("vision.", "projector."))]
+    assert vision_side and all(torch.equal(plain[k], branched[k]) for k in vision_side)
