@@ -192,7 +192,10 @@ def test_frame_motion_needs_a_reference_in_the_same_moving_scene():
         (112, 112),
         8.0,
         16,
-        [Scene(0, 8, "navy", moving, "right", None, None, None), Scene(8, 16, "ivory", still, None, None, None, None)],
+        [
+            Scene(0, 8, "navy", moving, "right", None, None, None),
+            Scene(8, 16, "ivory", still, None, None, None, None),
+        ],
     )
     # frame 0: no reference; 4 -> 0 same moving scene; 8 -> 4 across the cut; 12 -> 8 same scene, but still
     assert frame_motion(spec, [0, 4, 8, 12], [0, 0, 1, 2]) == [-1, DIRECTIONS.index("right"), -1, -1]

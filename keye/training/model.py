@@ -66,7 +66,11 @@ def keye_tiny_base() -> Path:
 
     folder = keye_home() / "keye-tiny-base"
     version = folder / "recipe_version.txt"  # a folder built by an older recipe may lack a module
-    if not (folder / "config.json").exists() or not version.exists() or version.read_text() != TINY_RECIPE_VERSION:
+    if (
+        not (folder / "config.json").exists()
+        or not version.exists()
+        or version.read_text() != TINY_RECIPE_VERSION
+    ):
         folder.parent.mkdir(parents=True, exist_ok=True)
         build_keye_tiny(folder, vision_weights=None)
         version.write_text(TINY_RECIPE_VERSION)
