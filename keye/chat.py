@@ -16,7 +16,7 @@ from transformers import DynamicCache, TextIteratorStreamer
 
 from keye.compression import compress_inputs
 from keye.modeling import KeyeForConditionalGeneration
-from keye.processing import KeyeProcessor, VideoInput
+from keye.processing import VISION_INPUTS, KeyeProcessor, VideoInput
 
 
 @dataclass
@@ -89,14 +89,7 @@ class ChatSession:
             do_sample=False,
             **gen_kwargs,
         )
-        for key in (
-            "pixel_values",
-            "image_grid_thw",
-            "pixel_values_videos",
-            "video_grid_thw",
-            "video_reference_index",
-            "video_embeds",
-        ):
+        for key in (*VISION_INPUTS, "video_embeds"):
             if key in inputs:
                 kwargs[key] = inputs[key].to(device)
         return inputs, kwargs

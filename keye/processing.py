@@ -30,6 +30,14 @@ from keye.rope import PromptLayout, TextSpan, VisionSpan
 
 PROCESSOR_CONFIG = "keye_processor.json"
 IGNORE_INDEX = -100
+# The vision inputs `KeyeProcessor.__call__` returns, when present (what batches and chat turns carry to the model).
+VISION_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "video_reference_index",
+)
 
 # The same rendering as `KeyeProcessor.render`, for tools that only speak Jinja (tokenizer.apply_chat_template).
 CHAT_TEMPLATE = (

@@ -124,10 +124,8 @@ class GroupRollout:
                 inputs[pixels] = self.prompt[pixels].repeat(g, 1)  # (G*N, 3*14*14), whole blocks in order
                 inputs[grid] = self.prompt[grid].repeat(g, 1)  # (G*items, 3)
         if "video_reference_index" in self.prompt:  # frame indices: copy k counts from k times the frames
-            refs, frames = (
-                self.prompt["video_reference_index"],
-                int(self.prompt["video_grid_thw"][:, 0].sum()),
-            )
+            refs = self.prompt["video_reference_index"]
+            frames = int(self.prompt["video_grid_thw"][:, 0].sum())
             inputs["video_reference_index"] = torch.cat([refs + k * frames for k in range(g)])  # (G*frames,)
         return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
 

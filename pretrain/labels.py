@@ -410,6 +410,17 @@ def _save(model, directory: Path, scores: dict) -> None:
     tmp.rename(directory)
 
 
+def _step(loss: torch.Tensor, params: list, opt, sched, bar, log, step: int, name: str) -> None:
+    """Backward, clip to 1, optimiser and schedule step; the loss to the progress bar and ``metrics.jsonl``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+    log.write(json.dumps({"step": step + 1, name: loss.item()}) + "\n")
+
+
 def _train_tower(cfg: LabelsConfig, model, heads, targets, examples, images, log) -> None:
     """The tower, projector and label heads on the labels: still images first, then the videos and images."""
     total = cfg.image_steps + cfg.steps
@@ -425,13 +436,7 @@ def _train_tower(cfg: LabelsConfig, model, heads, targets, examples, images, log
             batch = _collate([pool[i] for i in idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
                 loss = _loss(_forward(model, heads, batch), batch, targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
+            _step(loss, params, opt, sched, bar, log, step, "loss")
     model.vision.eval()
 
 
@@ -465,13 +470,7 @@ def _train_motion(cfg: LabelsConfig, model, targets, examples, log) -> None:
             loss = (projected - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
             if cfg.motion_readout:
                 loss = loss + cfg.motion_readout * _motion_readout_loss(projected, batch["motion"], targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(json.dumps({"step": step + 1, "motion_loss": loss.item()}) + "\n")
+            _step(loss, params, opt, sched, bar, log, step, "motion_loss")
 
 
 def train_labels(cfg: LabelsConfig) -> Path:

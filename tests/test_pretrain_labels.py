@@ -66,20 +66,25 @@ def test_token_targets_of_a_known_layout():
     assert coarse[0, 1].sum() == 0 and coarse[1, 0].sum() == 0
 
 
+def _media(root, kind: str, n: int) -> None:
+    """``n`` generated media of one kind under ``root/<kind>`` (seed 7, keye-tiny's two-shape regime)."""
+    generate_dataset(
+        root / kind,
+        seed=7,
+        n=n,
+        kinds=(kind,),
+        per_sample="all",
+        max_objects=2,
+        text_prob=0.0,
+        progress=False,
+    )
+
+
 def test_a_few_steps_on_the_labels_lower_the_loss(tmp_path):
     from keye.pretrained import load_pretrained
 
     for kind, n in (("video", 3), ("image", 3)):
-        generate_dataset(
-            tmp_path / kind,
-            seed=7,
-            n=n,
-            kinds=(kind,),
-            per_sample="all",
-            max_objects=2,
-            text_prob=0.0,
-            progress=False,
-        )
+        _media(tmp_path, kind, n)
     model, processor = load_pretrained("keye-tiny")
     examples = prepare_examples(tmp_path, processor, min_share=0.2)
     assert len(examples) == 6
@@ -230,16 +235,7 @@ def test_the_motion_phase_trains_the_projector_alone_and_lowers_its_loss(tmp_pat
     from keye.pretrain.labels import LabelsConfig, _train_motion
     from keye.pretrained import load_pretrained
 
-    generate_dataset(
-        tmp_path / "video",
-        seed=7,
-        n=4,
-        kinds=("video",),
-        per_sample="all",
-        max_objects=2,
-        text_prob=0.0,
-        progress=False,
-    )
+    _media(tmp_path, "video", 4)
     model, processor = load_pretrained("keye-tiny")
     examples = prepare_examples(tmp_path, processor, min_share=0.2)
     assert any((e["motion"] >= 0).any() for e in examples)  # some frame shows its scene moving

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from keye.errors import KeyeInputError
-from keye.processing import IGNORE_INDEX
+from keye.processing import IGNORE_INDEX, VISION_INPUTS
 from keye.training.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -194,13 +194,7 @@ def encode_sample(
         "labels": enc["labels"][0],  # (T,)
         "position_ids": enc["position_ids"][:, 0],  # (3, T)
     }
-    for key in (
-        "pixel_values",
-        "image_grid_thw",
-        "pixel_values_videos",
-        "video_grid_thw",
-        "video_reference_index",
-    ):
+    for key in VISION_INPUTS:
         if key in enc:
             sample[key] = enc[key]
     return sample

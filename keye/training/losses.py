@@ -14,20 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keye.processing import IGNORE_INDEX
+from keye.processing import IGNORE_INDEX, VISION_INPUTS
 
 __all__ = ["MODEL_INPUTS", "SigLIPHead", "contrastive_loss", "lm_loss_sum", "model_inputs"]
 
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "position_ids",
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "video_reference_index",
-)
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *VISION_INPUTS)
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
