@@ -23,7 +23,8 @@ sampled frames, same antialiased bilinear downscale, OpenCV's 8-bit HSV, same fl
   can skip decoding frames that nothing references, which makes it about 3x faster than decord's ``get_batch`` for
   2 fps sampling (bench/bench_encoders.py), so a missing decord changes nothing.
 
-Frames come back resized with the same antialiased bilinear filter. A frame is kept, while the video streams by, at
+Frames come back resized with the same antialiased bilinear filter (``resample="bicubic"``: with PIL's bicubic
+from the decoded frame instead, as the official image processor resizes; converted Keye-VL-1.5 models use it). A frame is kept, while the video streams by, at
 the largest size it can still get; when later slow frames shrink the budget share, it is downscaled again at the end
 (two antialiased downscales instead of one: about 2 grey levels of mean difference).
 
@@ -89,6 +90,10 @@ class SlowFastConfig:
     enabled: bool = True  # False: every frame is slow and sampled uniformly (plain uniform sampling)
     patch: int = 28  # pixels per LLM token side (14-pixel ViT patches merged 2x2)
     feature_max_tokens: int = 256  # similarity features on frames of at most this many patches
+    # How kept frames reach their planned size: "bilinear" (antialiased, streaming: frames are kept at their largest
+    # possible size) or "bicubic" (PIL, from the decoded frame, as the official image processor resizes; sampled
+    # frames are kept at native size until the plan is final, as keye-vl-utils keeps them).
+    resample: str = "bilinear"
 
     def __post_init__(self) -> None:
         problems = []
@@ -100,6 +105,8 @@ class SlowFastConfig:
             problems.append(f"need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
         if self.min_fast_tokens < 1 or not 0 <= self.fast_ratio <= 1:
             problems.append("need min_fast_tokens >= 1 and 0 <= fast_ratio <= 1")
+        if self.resample not in ("bilinear", "bicubic"):
+            problems.append(f"resample must be bilinear or bicubic, got {self.resample!r}")
         if self.patch < 1 or self.feature_max_tokens < 1:
             problems.append("need patch >= 1 and feature_max_tokens >= 1")
         if self.token_budget < _min_frame_cost(self):
@@ -765,7 +772,9 @@ def _plan_stream(
                 n_slow += 1
                 if n_slow > 1:
                     bound = _split_sizes(n_slow, n - n_slow, height, width, cfg)
-            img = _resize(x, bound[0] if slow else bound[1])  # (1, 3, h, w)
+            img = (
+                x if cfg.resample == "bicubic" else _resize(x, bound[0] if slow else bound[1])
+            )  # (1, 3, h, w)
             kept.append(np.ascontiguousarray(img[0].permute(1, 2, 0).numpy()))  # (h, w, 3)
 
     # Native frames alive at once: a batch plus the decoder's queue, about 64 MB whatever the resolution.
@@ -803,7 +812,11 @@ def _plan_stream(
     )
     out = []
     for fp, img in zip(plan.frames, kept):
-        if img.shape[:2] != (fp.height, fp.width):
+        if cfg.resample == "bicubic":
+            from PIL import Image
+
+            img = np.asarray(Image.fromarray(img).resize((fp.width, fp.height), Image.BICUBIC))
+        elif img.shape[:2] != (fp.height, fp.width):
             img = _resize(torch.from_numpy(img).permute(2, 0, 1)[None], (fp.height, fp.width))[0]
             img = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
         out.append(img)

@@ -168,9 +168,10 @@ class KeyeVisionAttention(nn.Module):
         q = self.q_proj(hidden_states).view(n, self.num_heads, self.head_dim)  # (N, heads, head_dim)
         k = self.k_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(n, self.num_heads, self.head_dim)
-        cos, sin = (x[:, None, :].to(q.dtype) for x in rope)  # (N, 1, head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        cos, sin = (x[:, None, :].float() for x in rope)  # (N, 1, head_dim)
+        # in fp32 whatever the working dtype, as the official code does (bf16 angles lose the fine positions)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
         out = varlen_attention(q, k, v, seqlens)  # (N, heads, head_dim)
         return self.out_proj(out.reshape(n, -1))
 

@@ -29,6 +29,8 @@ from keye.errors import ContextLengthError
 from keye.rope import PromptLayout, TextSpan, VisionSpan
 
 PROCESSOR_CONFIG = "keye_processor.json"
+OFFICIAL_SYSTEM = "You are a helpful assistant."  # Keye-VL-1.5's chat template, when a conversation has none
+OFFICIAL_FETCH_MAX_PIXELS = 16_056_320  # keye-vl-utils' MAX_PIXELS (20,480 tokens of 28x28)
 IGNORE_INDEX = -100
 # The vision inputs `KeyeProcessor.__call__` returns, when present (what batches and chat turns carry to the model).
 VISION_INPUTS = (
@@ -98,6 +100,9 @@ class ProcessorSettings:
     image_std: float = 0.5
     min_pixels: int = 3136
     max_pixels: int = 1003520
+    # The official pipeline resizes an image twice: keye-vl-utils' fetch_image to at most this many pixels, then the
+    # image processor to max_pixels (a different grid for some large images). None: one resize (keye's default).
+    fetch_max_pixels: int | None = None
     # Video frame selection (see keye.encoders.slowfast.SlowFastConfig)
     fps: float = 2.0
     max_frames: int = 1365
@@ -107,16 +112,50 @@ class ProcessorSettings:
     fast_ratio: float = 0.3
     min_fast_tokens: int = 48
     slowfast: bool = True
+    # Video frames resized from the decoded frame with "bilinear" (antialiased, keye's default) or "bicubic" (PIL, as
+    # the official image processor does; keeps sampled frames at native size until the plan is final).
+    video_resample: str = "bilinear"
     max_length: int = 131072
-    default_system: str | None = None
-    tokens_per_second: float | None = 2.0
+    default_system: str | None = None  # inserted when a conversation has no system turn
+    # think=True/False appends "/think" or "/no_think" to the last user turn after this separator; no-think mode also
+    # pre-fills an empty think block when prefill_no_think is set (keye-tiny's layout; the official one does not).
+    think_separator: str = " "
+    prefill_no_think: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> ProcessorSettings:
+        d = dict(d)
+        d.pop("tokens_per_second", None)  # written by keye <= 0.1; now read from the model's config.json
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown processor settings: {sorted(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def official(cls, preprocessor: dict) -> ProcessorSettings:
+        """Keye-VL-1.5's own pipeline (keye-vl-utils 1.5.2 + the released processor), from the checkpoint's
+        ``preprocessor_config.json``: default system prompt, two-step image resize, bicubic frames, the model card's
+        thinking switch."""
+        required = ("min_pixels", "max_pixels", "patch_size", "merge_size", "image_mean", "image_std")
+        missing = [k for k in required if k not in preprocessor]
+        if missing:
+            raise ValueError(f"missing required key(s) {', '.join(missing)}")
+        mean, std = preprocessor["image_mean"], preprocessor["image_std"]
+        if len(set(mean)) != 1 or len(set(std)) != 1:
+            raise ValueError(f"per-channel image_mean/std {mean}/{std} are not supported")
+        return cls(
+            patch_size=preprocessor["patch_size"],
+            merge_size=preprocessor["merge_size"],
+            image_mean=mean[0],
+            image_std=std[0],
+            min_pixels=preprocessor["min_pixels"],
+            max_pixels=preprocessor["max_pixels"],
+            fetch_max_pixels=OFFICIAL_FETCH_MAX_PIXELS,
+            video_resample="bicubic",
+            default_system=OFFICIAL_SYSTEM,
+            think_separator="",
+            prefill_no_think=False,
+        )
 
 
 @dataclass
@@ -139,9 +178,17 @@ class _Expanded:
 class KeyeProcessor:
     """Turns chat messages (text, images, videos) into `KeyeForConditionalGeneration` inputs."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, settings: ProcessorSettings | None = None):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: ProcessorSettings | None = None,
+        tokens_per_second: float | None = 2.0,
+    ):
+        """``tokens_per_second`` is the model's time rule for video positions (`KeyeConfig.tokens_per_second`, which
+        `from_pretrained` reads from the folder's config.json; ``None`` is Keye-VL-1.5's, see `keye.rope`)."""
         self.tokenizer = tokenizer
         self.settings = settings or ProcessorSettings()
+        self.tokens_per_second = tokens_per_second
         missing = [t for t in VISION_TOKENS.values() if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(
@@ -160,7 +207,11 @@ class KeyeProcessor:
 
         img = load_image(image)
         s = self.settings
-        h, w = smart_resize(img.height, img.width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
+        factor = s.patch_size * s.merge_size
+        if s.fetch_max_pixels is not None:  # the official first resize (PIL copies when the size is kept)
+            h, w = smart_resize(img.height, img.width, factor, s.min_pixels, s.fetch_max_pixels)
+            img = img.resize((w, h), Image.BICUBIC)
+        h, w = smart_resize(img.height, img.width, factor, s.min_pixels, s.max_pixels)
         arr = np.asarray(img.resize((w, h), Image.BICUBIC))
         return patchify(arr, s.patch_size, s.image_mean, s.image_std), [
             1,
@@ -188,6 +239,7 @@ class KeyeProcessor:
             fast_ratio=s["fast_ratio"],
             min_fast_tokens=s["min_fast_tokens"],
             enabled=s["slowfast"],
+            resample=s["video_resample"],
         )
         plan, frames = plan_video(str(video), cfg)
         return VideoInput(
@@ -210,16 +262,22 @@ class KeyeProcessor:
     ) -> list[tuple[str, Any]]:
         """Messages -> list of (role, piece) where piece is text or an ``("image"|"video", value)`` placeholder.
 
-        ``think`` True/False appends ``/think`` or ``/no_think`` to the last user turn (False also pre-fills the empty
-        ``<think></think>`` block after the generation prompt); None leaves the prompt as is.
+        ``think`` True/False appends ``/think`` or ``/no_think`` to the last user turn (after
+        ``settings.think_separator``; False also pre-fills the empty ``<think></think>`` block after the generation
+        prompt when ``settings.prefill_no_think``); None leaves the prompt as is.
         """
         messages = [dict(m) for m in messages]
         if think is not None:
             last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            switch = " /think" if think else " /no_think"
+            switch = self.settings.think_separator + ("/think" if think else "/no_think")
             content = messages[last_user]["content"]
             if isinstance(content, str):
                 messages[last_user]["content"] = content + switch
+            elif content and content[-1]["type"] == "text":  # one text, tokenized as the template renders it
+                messages[last_user]["content"] = [
+                    *content[:-1],
+                    {**content[-1], "text": content[-1]["text"] + switch},
+                ]
             else:
                 messages[last_user]["content"] = [*content, {"type": "text", "text": switch}]
         pieces: list[tuple[str, Any]] = []
@@ -241,7 +299,7 @@ class KeyeProcessor:
             pieces.append(("header", "\n"))
         if add_generation_prompt:
             pieces.append(("header", "<|im_start|>assistant\n"))
-            if think is False:
+            if think is False and self.settings.prefill_no_think:
                 pieces.append(("header", "<think>\n\n</think>\n\n"))
         return pieces
 
@@ -346,7 +404,7 @@ class KeyeProcessor:
                 )
             all_ids.append(ex.ids)
             all_labels.append(ex.labels)
-            layouts.append(PromptLayout(ex.spans, self.settings.tokens_per_second))
+            layouts.append(PromptLayout(ex.spans, self.tokens_per_second))
             all_pos.append(layouts[-1].positions())
 
         length = max(len(x) for x in all_ids)
@@ -391,10 +449,17 @@ class KeyeProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs) -> KeyeProcessor:
+        """Tokenizer, ``keye_processor.json`` and the model's time rule (``tokens_per_second`` in config.json) from a
+        model folder: what the model was built with, whatever the caller remembers."""
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         cfg = directory / PROCESSOR_CONFIG
         settings = (
             ProcessorSettings.from_dict(json.loads(cfg.read_text())) if cfg.exists() else ProcessorSettings()
         )
-        return cls(tokenizer, settings)
+        tps = 2.0
+        if (directory / "config.json").exists():
+            from keye.configuration import KeyeConfig
+
+            tps = KeyeConfig.from_pretrained(directory).tokens_per_second
+        return cls(tokenizer, settings, tokens_per_second=tps)
