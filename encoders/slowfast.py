@@ -94,6 +94,9 @@ class SlowFastConfig:
     # possible size) or "bicubic" (PIL, from the decoded frame, as the official image processor resizes; sampled
     # frames are kept at native size until the plan is final, as keye-vl-utils keeps them).
     resample: str = "bilinear"
+    # How the budget sizes frames: "actual" (keye: each frame's actual tokens counted, never over the budget) or
+    # "reference" (keye-vl-utils 1.5.2: per-frame caps counted, its search and smart_resize, which can overshoot).
+    budget_rule: str = "actual"
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,6 +108,8 @@ class SlowFastConfig:
             problems.append(f"need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
         if self.min_fast_tokens < 1 or not 0 <= self.fast_ratio <= 1:
             problems.append("need min_fast_tokens >= 1 and 0 <= fast_ratio <= 1")
+        if self.budget_rule not in ("actual", "reference"):
+            problems.append(f"budget_rule must be actual or reference, got {self.budget_rule!r}")
         if self.resample not in ("bilinear", "bicubic"):
             problems.append(f"resample must be bilinear or bicubic, got {self.resample!r}")
         if self.patch < 1 or self.feature_max_tokens < 1:
@@ -182,14 +187,15 @@ def reference_frames(kinds: list[str]) -> list[int]:
 
 
 def fit_tokens(
-    height: int, width: int, max_tokens: int, min_tokens: int = 1, patch: int = 28
+    height: int, width: int, max_tokens: int, min_tokens: int = 1, patch: int = 28, strict: bool = True
 ) -> tuple[int, int]:
     """Size ``(h, w)`` in multiples of ``patch`` that keeps the aspect ratio and costs at most ``max_tokens`` tokens.
 
     Same rule as smart_resize (round each side to the patch; if that is too large scale down and floor, if too small
     scale up and ceil), so ordinary sizes give the reference's result, plus a guarantee smart_resize lacks: the token
     count never exceeds ``max_tokens`` (flooring a very thin side to zero, or ceiling a tiny frame, can overshoot
-    there). ``min_tokens`` is a floor that gives way to that cap.
+    there). ``min_tokens`` is a floor that gives way to that cap. ``strict=False`` is smart_resize itself (no such
+    guarantee), for the reference's budget rule.
     """
     if height < 1 or width < 1 or max_tokens < 1:
         raise ValueError(
@@ -203,7 +209,7 @@ def fit_tokens(
         beta = math.sqrt(min_tokens * patch * patch / (height * width))
         gh, gw = math.ceil(height * beta / patch), math.ceil(width * beta / patch)
     aspect = math.log(height / width)
-    while gh * gw > max_tokens:  # shrink the side whose shrinking keeps the aspect ratio closest
+    while strict and gh * gw > max_tokens:  # shrink the side whose shrinking keeps the aspect ratio closest
         if gh == 1 or gw == 1:
             gh, gw = (1, max_tokens) if gh == 1 else (max_tokens, 1)
             break
@@ -249,9 +255,29 @@ def max_frames_for_budget(config: SlowFastConfig | None = None) -> int:
     return cfg.token_budget // _min_frame_cost(cfg)
 
 
+def _reference_split_sizes(
+    n_slow: int, n_fast: int, height: int, width: int, cfg: SlowFastConfig
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """keye-vl-utils 1.5.2's sizes: its search over per-frame caps (``left = mid + 1`` past the last fitting cap, so
+    it can overshoot by one step), then smart_resize for slow and fast frames."""
+    left, right = cfg.min_tokens, cfg.max_tokens
+    while left < right:
+        mid = (left + right) // 2
+        if n_slow * mid + n_fast * max(int(cfg.fast_ratio * mid), cfg.min_tokens) > cfg.token_budget:
+            right = mid
+        else:
+            left = mid + 1
+    slow = fit_tokens(height, width, left, cfg.min_tokens, cfg.patch, strict=False)
+    fast_cap = max(int(_tokens(slow, cfg.patch) * cfg.fast_ratio), cfg.min_fast_tokens)
+    return slow, fit_tokens(height, width, fast_cap, cfg.min_tokens, cfg.patch, strict=False)
+
+
 def _split_sizes(
     n_slow: int, n_fast: int, height: int, width: int, cfg: SlowFastConfig
 ) -> tuple[tuple[int, int], tuple[int, int]]:
+    if cfg.budget_rule == "reference":
+        return _reference_split_sizes(n_slow, n_fast, height, width, cfg)
+
     def total(cap: int) -> int:
         slow, fast = _sizes(cap, height, width, cfg)
         return n_slow * _tokens(slow, cfg.patch) + n_fast * _tokens(fast, cfg.patch)
@@ -758,6 +784,9 @@ def _plan_stream(
     # Largest sizes any frame can still get: the slow frames so far, every later frame fast. Sizes only shrink as
     # slow frames come in, so a frame kept at the bound is never upscaled at the end.
     bound = _split_sizes(max(n_slow, 1), n - max(n_slow, 1), height, width, cfg)
+    # bicubic resizes from the decoded frame, and the reference's budget rule need not shrink as slow frames come in:
+    # either way the frames wait at native size for the final plan, as keye-vl-utils keeps them
+    keep_native = cfg.resample == "bicubic" or cfg.budget_rule == "reference"
 
     def flush(batch: list[np.ndarray]) -> None:
         nonlocal n_slow, bound
@@ -772,9 +801,7 @@ def _plan_stream(
                 n_slow += 1
                 if n_slow > 1:
                     bound = _split_sizes(n_slow, n - n_slow, height, width, cfg)
-            img = (
-                x if cfg.resample == "bicubic" else _resize(x, bound[0] if slow else bound[1])
-            )  # (1, 3, h, w)
+            img = x if keep_native else _resize(x, bound[0] if slow else bound[1])  # (1, 3, h, w)
             kept.append(np.ascontiguousarray(img[0].permute(1, 2, 0).numpy()))  # (h, w, 3)
 
     # Native frames alive at once: a batch plus the decoder's queue, about 64 MB whatever the resolution.
@@ -812,7 +839,7 @@ def _plan_stream(
     )
     out = []
     for fp, img in zip(plan.frames, kept):
-        if cfg.resample == "bicubic":
+        if keep_native and cfg.resample == "bicubic":
             from PIL import Image
 
             img = np.asarray(Image.fromarray(img).resize((fp.width, fp.height), Image.BICUBIC))

@@ -115,6 +115,8 @@ class ProcessorSettings:
     # Video frames resized from the decoded frame with "bilinear" (antialiased, keye's default) or "bicubic" (PIL, as
     # the official image processor does; keeps sampled frames at native size until the plan is final).
     video_resample: str = "bilinear"
+    # "actual" (keye: frames sized by their actual tokens, never over token_budget) or "reference" (keye-vl-utils 1.5.2)
+    video_budget_rule: str = "actual"
     max_length: int = 131072
     default_system: str | None = None  # inserted when a conversation has no system turn
     # think=True/False appends "/think" or "/no_think" to the last user turn after this separator; no-think mode also
@@ -152,6 +154,7 @@ class ProcessorSettings:
             max_pixels=preprocessor["max_pixels"],
             fetch_max_pixels=OFFICIAL_FETCH_MAX_PIXELS,
             video_resample="bicubic",
+            video_budget_rule="reference",
             default_system=OFFICIAL_SYSTEM,
             think_separator="",
             prefill_no_think=False,
@@ -240,6 +243,7 @@ class KeyeProcessor:
             min_fast_tokens=s["min_fast_tokens"],
             enabled=s["slowfast"],
             resample=s["video_resample"],
+            budget_rule=s["video_budget_rule"],
         )
         plan, frames = plan_video(str(video), cfg)
         return VideoInput(

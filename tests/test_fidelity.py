@@ -252,3 +252,16 @@ def test_from_keye_names_a_missing_config_key(converted, tmp_path):
         assert r.returncode == 2, (drop, r.stdout)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert drop in r.stderr and str(folder / "config.json") in r.stderr, r.stderr
+
+
+def test_video_frame_sizes_follow_keye_vl_utils_at_every_budget(loaded, converted):
+    """A converted model plans video frames as keye-vl-utils 1.5.2 does (its budget search and smart_resize), at
+    budgets from the minimum for the clip's 8 frames up to the default."""
+    _, processor = loaded
+    clip = converted[1] / "clip.mp4"
+    for case in EXPECTED["video_budgets"]:
+        video = processor.load_video(clip, token_budget=case["token_budget"])
+        assert [int(k == "fast") for k in video.kinds] == case["frame_types"]
+        sizes = {k: [f.height, f.width] for f, k in zip(video.plan.frames, video.kinds)}
+        assert sizes["slow"] == case["slow_hw"], case
+        assert sizes["fast"] == case["fast_hw"], case

@@ -661,6 +661,27 @@ def write_clip(path: Path) -> None:
             container.mux(packet)
 
 
+BUDGETS = [384, 400, 450, 500, 560, 640, 800, 1000, 2000, 65536]  # tokens; 8 frames need at least 384
+
+
+def video_budgets(clip: Path) -> list[dict]:
+    """keye-vl-utils' frame sizes for the clip at several token budgets (``video_total_pixels``)."""
+    from keye_vl_utils.vision_process import fetch_video
+
+    out = []
+    for budget in BUDGETS:
+        _, kw = fetch_video({"video": str(clip), "video_total_pixels": budget * 28 * 28})
+        out.append(
+            {
+                "token_budget": budget,
+                "frame_types": kw["frame_types"].tolist(),
+                "slow_hw": [kw["height"], kw["width"]],
+                "fast_hw": [kw["fast_height"], kw["fast_width"]],
+            }
+        )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -701,6 +722,7 @@ def main() -> None:
                 "bf16 err",
                 out["bf16_max_abs_error"],
             )
+    expected["video_budgets"] = video_budgets(ot.MEDIA / "clip.mp4")
     (ot.FIXTURE / "expected.json").write_text(json.dumps(expected) + "\n")
     np.savez_compressed(ot.FIXTURE / "expected.npz", **arrays)
 
