@@ -231,7 +231,7 @@ def layer_main(add_parser, prog: str, argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from keye.compression import COMPRESSIONS  # light: `import keye` has loaded torch already
+    from keye.encoders import COMPRESSIONS  # light: no torch for `keye --help`
 
     parser = argparse.ArgumentParser(prog="keye", description="Keye-VL-style video-language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

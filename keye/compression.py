@@ -31,13 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
+from keye.encoders import COMPRESSIONS
 from keye.encoders.clapper import ClapperConfig, ClapperOutput, TimePerceiver
 from keye.encoders.dyntok import DYNTOK_THRESHOLD, DynTokResult, dyntok_frames
 from keye.rope import PromptLayout, TextSpan, VisionSpan, mrope_positions
 
 logger = logging.getLogger(__name__)
 
-COMPRESSIONS = ("none", "dyntok", "clapper")
 _PER_TOKEN = ("input_ids", "attention_mask", "labels")
 _UNTRAINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its stand-in TimePerceiver
 

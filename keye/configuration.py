@@ -9,7 +9,7 @@ runs on a laptop CPU.
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 from keye.encoders.clapper import ClapperConfig
 from keye.encoders.vision import KeyeVisionConfig
@@ -209,3 +209,6 @@ def keye_tiny_config(text_config: KeyeTextConfig | dict, **token_ids) -> KeyeCon
         tokens_per_second=2.0,
         **token_ids,
     )
+
+
+AutoConfig.register("keye", KeyeConfig, exist_ok=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -340,3 +340,6 @@ __all__ = [
     "KeyeTextModel",
     "KeyeVisionConfig",
 ]
+
+
+AutoModelForImageTextToText.register(KeyeConfig, KeyeForConditionalGeneration, exist_ok=True)

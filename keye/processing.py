@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers import AutoProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
-from keye.configuration import VISION_TOKENS
+from keye.configuration import VISION_TOKENS, KeyeConfig
 from keye.encoders.slowfast import reference_frames
 from keye.errors import ContextLengthError
 from keye.rope import PromptLayout, TextSpan, VisionSpan
@@ -463,7 +463,8 @@ class KeyeProcessor:
         )
         tps = 2.0
         if (directory / "config.json").exists():
-            from keye.configuration import KeyeConfig
-
             tps = KeyeConfig.from_pretrained(directory).tokens_per_second
         return cls(tokenizer, settings, tokens_per_second=tps)
+
+
+AutoProcessor.register(KeyeConfig, KeyeProcessor, exist_ok=True)
