@@ -1,24 +1,21 @@
-"""Encoders benchmark: Slow-Fast planning vs keye-vl-utils 1.5.2, decoding vs raw decord, token counts.
+"""Encoders benchmark: `keye frames` against the decoding floor and keye-vl-utils 1.5.2, start-up, token counts.
 
-Everything is measured side by side in this one run, on the same generated videos (``bench/baselines/
-slowfast_videos.py``; cached under ``artifacts/bench/``):
+Everything is measured side by side in this one run, on generated footage-like videos (``natural`` scenes of
+``bench/baselines/slowfast_videos.py``: 1280x720 24 fps h264 with AAC, fractal texture, camera motion, grain, cuts;
+cached under ``artifacts/bench/``). Times are whole processes (imports included) unless a row says otherwise.
 
-1. Slow-Fast preprocessing of a 10-minute 720p 30 fps video: wall time and peak RSS of a fresh process running
-   ``plan_video`` vs one running ``keye_vl_utils.process_vision_info``, and the share of identical slow/fast labels
-   (goals: <= 1/3 time, <= 1/4 peak memory, >= 95% identical). Runs interleaved ours, reference, ours.
-2. Decoding the same sampled frames at native size: our streaming PyAV decoder vs ``decord.VideoReader.get_batch``
-   (goal <= 1.2x), interleaved, median of ``--repeat``.
-3. Vision tokens of a 64 s 360p ``keye.synthetic`` demo video at 32 / 64 / 128 frames: uniform, Slow-Fast, + DynTok, + Clapper (goals:
-   DynTok keeps <= 45%, Clapper <= 61 tokens per frame). DynTok groups by pixel-patch similarity here (a proxy: the
-   tokens the vision tower would see; keye-tiny's tower is not trained). Prefill latency needs the model wiring.
+1. `keye frames` on a 2-minute clip (Keye-VL-1.5's official settings, the default) vs the decoding floor, raw
+   single-threaded decord decoding the same sampled frames (``get_batch``, decode time only), and vs keye-vl-utils
+   1.5.2's ``process_vision_info`` (time and peak RSS); the share of identical slow/fast labels.
+   Goals: <= 1.1x the floor, <= 1/4 of the reference's time, <= 1/5 of its peak RSS, 100% identical labels.
+2. `keye frames --model keye-tiny` on a 10-minute clip: peak RSS (goal <= 300 MB).
+3. Start-up: ``keye --help``, ``keye tools run`` of a trivial snippet (goals <= 0.5 s each), and whether
+   ``import keye.encoders`` loads torch or transformers (goal: neither).
+4. The decoder's two backends on the same frames (why ``auto`` is PyAV).
+5. Vision tokens of a 64 s 360p ``keye.synthetic`` demo video: uniform, Slow-Fast, + DynTok, + Clapper.
 
-The reference lives in its own environment (it needs torchvision, which keye avoids)::
-
-    python3 -m venv .venv-baselines
-    .venv-baselines/bin/pip install torch==2.14.1 torchvision==0.29.1
-    .venv-baselines/bin/pip install keye-vl-utils==1.5.2 qwen-vl-utils decord av opencv-python-headless einops psutil
-
-Without it the reference rows print "baseline missing". Run: ``python -m bench.bench_encoders [--minutes 10]``.
+The reference lives in its own environment (it needs torchvision, which keye avoids): ``make bench-baselines``.
+Without it the reference rows print "baseline missing". Run: ``python -m bench.bench_encoders [--minutes 2]``.
 """
 
 from __future__ import annotations
@@ -71,149 +68,173 @@ def video_for(spec: dict, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Child processes (a fresh process each, so peak RSS is the run's own)
+# Whole processes: wall time and the child's own peak RSS
 
 
-def child_plan(video: str) -> dict:
-    import resource
-
-    from keye.encoders.slowfast import plan_video
-
-    t = time.perf_counter()
-    plan, frames = plan_video(video)
-    seconds = time.perf_counter() - t
-    slow = next(f for f in plan.frames if f.kind == "slow")
-    fast = next((f for f in plan.frames if f.kind == "fast"), slow)
-    return {
-        "seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "labels": [int(f.kind == "slow") for f in plan.frames],
-        "indices": [f.index for f in plan.frames],
-        "slow_hw": [slow.height, slow.width],
-        "fast_hw": [fast.height, fast.width],
-        "total_tokens": plan.total_tokens,
-        "frames_mb": sum(f.nbytes for f in frames) / 2**20,
-    }
+KEYE = [sys.executable, "-m", "keye.cli"]
 
 
-def _run_json(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{out.stderr[-2000:]}")
-    return json.loads(lines[-1])
+def measured(cmd: list[str]) -> dict:
+    """Run ``cmd``: its wall seconds, its own peak RSS (MB, the kernel's rusage of that child) and its stdout."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{err.read()[-2000:]}")
+        return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out.read()}
 
 
-def run_ours(video: Path) -> dict:
-    return _run_json([sys.executable, "-m", "bench.bench_encoders", "--child-plan", str(video)])
+def _last_json(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
 
 
-def run_reference(video: Path, mode: str = "keye") -> dict | None:
+def reference(mode: str, video: Path, *extra: str) -> dict | None:
     if not BASELINE_PY.exists():
         return None
-    return _run_json(
-        [str(BASELINE_PY), str(ROOT / "bench" / "baselines" / "run_reference.py"), "--mode", mode, str(video)]
-    )
+    script = str(ROOT / "bench" / "baselines" / "run_reference.py")
+    run = measured([str(BASELINE_PY), script, "--mode", mode, *extra, str(video)])
+    return {**_last_json(run["stdout"]), "wall_s": run["seconds"], "process_rss_mb": run["peak_rss_mb"]}
+
+
+def _ratio(a: float, b: float, goal: str) -> str:
+    return f"{a / b:.3f} (goal {goal})"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Slow-Fast vs keye-vl-utils
+# 1. keye frames vs the decoding floor and keye-vl-utils
 
 
-def bench_slowfast(minutes: float) -> dict:
-    video = video_for(slowfast_videos.bench_spec(minutes), f"slowfast_{minutes:g}min_720p")
-    ours1 = run_ours(video)
-    ref = run_reference(video)
-    ours2 = run_ours(video)
-    seconds = statistics.mean([ours1["seconds"], ours2["seconds"]])
-    rss = max(ours1["peak_rss_mb"], ours2["peak_rss_mb"])
+def bench_frames(minutes: float) -> dict:
+    video = video_for(slowfast_videos.natural_spec(minutes), f"natural_{minutes:g}min_720p")
     print(
-        f"Slow-Fast planning, {minutes:g}-minute 1280x720 30 fps video ({video.name}), "
-        f"{len(ours1['labels'])} sampled frames"
+        f"`keye frames` on a {minutes:g}-minute 1280x720 24 fps h264+aac clip ({video.name}), official settings"
     )
+    ours = [measured([*KEYE, "frames", str(video), "--json"])]
+    floor = reference("decord", video, "--threads", "1")
+    ref = reference("keye", video)
+    ours.append(measured([*KEYE, "frames", str(video), "--json"]))
+    report = _last_json(ours[0]["stdout"])
+    seconds = statistics.mean(r["seconds"] for r in ours)
+    rss = max(r["peak_rss_mb"] for r in ours)
+    labels = [int(f["kind"] == "slow") for f in report["frames"]]
     print(
-        f"  ours: {seconds:6.1f} s (runs {ours1['seconds']:.1f}, {ours2['seconds']:.1f}), peak RSS {rss:6.0f} MB, "
-        f"{sum(ours1['labels'])} slow, slow {ours1['slow_hw']} fast {ours1['fast_hw']}, "
-        f"{ours1['total_tokens']} tokens, frames returned {ours1['frames_mb']:.0f} MB"
+        f"  keye frames (whole process):        {seconds:6.2f} s (runs {ours[0]['seconds']:.2f}, "
+        f"{ours[1]['seconds']:.2f}), "
+        f"peak RSS {rss:5.0f} MB, {len(labels)} frames, {sum(labels)} slow"
     )
-    result = {"ours_s": seconds, "ours_rss_mb": rss}
-    if ref is None:
-        print("  keye-vl-utils 1.5.2: baseline missing (create .venv-baselines, see this file's docstring)")
+    result = {"frames_s": seconds, "frames_rss_mb": rss}
+    if floor is None or ref is None:
+        print("  decord / keye-vl-utils 1.5.2: baseline missing (make bench-baselines)")
         return result
-    same = sum(a == b for a, b in zip(ours1["labels"], ref["labels"])) / max(len(ref["labels"]), 1)
+    indices = [f["index"] for f in report["frames"]]
     print(
-        f"  keye-vl-utils 1.5.2: {ref['seconds']:6.1f} s, peak RSS {ref['peak_rss_mb']:6.0f} MB, "
-        f"{sum(ref['labels'])} slow, slow {ref['slow_hw']} fast {ref['fast_hw']}"
+        f"  raw decord, 1 thread (decode only): {floor['seconds']:6.2f} s, same frames: {floor['indices'] == indices}"
     )
     print(
-        f"  time ratio {seconds / ref['seconds']:.3f} (goal <= 0.333)   peak memory ratio "
-        f"{rss / ref['peak_rss_mb']:.3f} (goal <= 0.25)   identical labels {same:.1%} (goal >= 95%), "
-        f"same frames sampled: {ours1['indices'] == ref['indices']}"
+        f"  keye-vl-utils 1.5.2 (whole process): {ref['wall_s']:5.2f} s ({ref['seconds']:.2f} s in process_vision_info), "
+        f"peak RSS {ref['process_rss_mb']:5.0f} MB, {sum(ref['labels'])} slow"
+    )
+    same = sum(a == b for a, b in zip(labels, ref["labels"])) / max(len(ref["labels"]), 1)
+    print(
+        f"  ratios: vs decoding floor {_ratio(seconds, floor['seconds'], '<= 1.1')}   vs keye-vl-utils time "
+        f"{_ratio(seconds, ref['wall_s'], '<= 0.25')}   peak RSS {_ratio(rss, ref['process_rss_mb'], '<= 0.2')}   "
+        f"identical labels {same:.1%} (goal 100%), same frames sampled: {ref['indices'] == indices}"
     )
     result.update(
-        ref_s=ref["seconds"],
-        ref_rss_mb=ref["peak_rss_mb"],
-        time_ratio=seconds / ref["seconds"],
-        memory_ratio=rss / ref["peak_rss_mb"],
+        floor_s=floor["seconds"],
+        ref_s=ref["wall_s"],
+        ref_rss_mb=ref["process_rss_mb"],
+        floor_ratio=seconds / floor["seconds"],
+        time_ratio=seconds / ref["wall_s"],
+        memory_ratio=rss / ref["process_rss_mb"],
         identical_labels=same,
     )
     return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. Decoding vs raw decord
+# 2. A 10-minute clip at keye-tiny's settings
 
 
-def _decode_ours(video: Path) -> tuple[float, int]:
-    from keye.encoders import slowfast as sf
-
-    t = time.perf_counter()
-    index = sf._index_pyav(str(video))
-    cfg = sf.SlowFastConfig()
-    duration = float(index.duration)
-    positions = sf.sample_positions(
-        index.pts, sf._frame_count(duration, min(cfg.fps, len(index.pts) / duration), cfg)
+def bench_long(minutes: float) -> dict:
+    video = video_for(slowfast_videos.natural_spec(minutes, seed=1), f"natural_{minutes:g}min_720p")
+    run = measured([*KEYE, "frames", str(video), "--model", "keye-tiny", "--json"])
+    report = _last_json(run["stdout"])
+    print(
+        f"`keye frames --model keye-tiny` on a {minutes:g}-minute 720p clip: {run['seconds']:.2f} s, "
+        f"peak RSS {run['peak_rss_mb']:.0f} MB (goal <= 300), {len(report['frames'])} frames"
     )
-    n = sum(1 for _ in sf._threaded(sf._decode_pyav(str(video), index, positions), maxsize=8))
-    return time.perf_counter() - t, n
+    return {"long_s": run["seconds"], "long_rss_mb": run["peak_rss_mb"]}
 
 
-def _decode_decord(video: Path) -> tuple[float, int] | None:
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Start-up
+
+
+def bench_startup(repeat: int) -> dict:
+    import tempfile
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image, code = Path(tmp) / "red.png", Path(tmp) / "snippet.py"
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(image)
+        code.write_text("print(image_path)\n")
+        help_s = statistics.median(measured([*KEYE, "--help"])["seconds"] for _ in range(repeat))
+        tools = [
+            measured([*KEYE, "tools", "run", "--code", str(code), "--image", str(image)])
+            for _ in range(repeat)
+        ]
+        tools_s = statistics.median(r["seconds"] for r in tools)
+    probe = (
+        "import sys, keye.encoders; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    heavy = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    print(f"Start-up (median of {repeat} whole processes)")
+    print(f"  keye --help {help_s:.3f} s (goal <= 0.5)   keye tools run {tools_s:.3f} s (goal <= 0.5)")
+    print(f"  import keye.encoders loads {heavy} of torch, transformers (goal: [])")
+    return {"help_s": help_s, "tools_run_s": tools_s, "encoders_heavy": heavy}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. The decoder's backends
+
+
+def bench_backends(minutes: float, repeat: int) -> dict:
+    from keye.encoders import video as video_io
+    from keye.encoders.slowfast import SlowFastConfig, _frame_count, sample_positions
+
     try:
-        import decord
+        import decord  # noqa: F401
     except ImportError:
-        return None
-    from keye.encoders import slowfast as sf
-
-    t = time.perf_counter()
-    vr = decord.VideoReader(str(video))
-    total = len(vr)
-    n_frames = int(total / vr.get_avg_fps() * min(2.0, vr.get_avg_fps()))
-    indices = sf.sample_positions(np.arange(total), min(n_frames, 1365)).tolist()
-    n = 0
-    for s in range(0, len(indices), 16):  # same chunking as ours, so memory is not what differs
-        n += len(vr.get_batch(indices[s : s + 16]).asnumpy())
-    return time.perf_counter() - t, n
-
-
-def bench_decode(minutes: float, repeat: int) -> dict:
-    video = video_for(slowfast_videos.bench_spec(minutes), f"slowfast_{minutes:g}min_720p")
-    ours, raw = [], []
-    for _ in range(repeat):  # interleaved, so both see the same machine load
-        ours.append(_decode_ours(video))
-        d = _decode_decord(video)
-        if d is not None:
-            raw.append(d)
-    t_ours = statistics.median(t for t, _ in ours)
-    print(f"Decoding the {ours[0][1]} sampled frames at native 1280x720 (median of {repeat})")
-    print(f"  ours (PyAV, index + streaming decode, skips unreferenced frames): {t_ours:6.2f} s")
-    if not raw:
-        print("  raw decord: decord not installed in this environment")
-        return {"decode_ours_s": t_ours}
-    t_raw = statistics.median(t for t, _ in raw)
-    print(f"  raw decord VideoReader.get_batch:                                {t_raw:6.2f} s")
-    print(f"  ratio ours / decord {t_ours / t_raw:.3f} (goal <= 1.2)")
-    return {"decode_ours_s": t_ours, "decode_decord_s": t_raw, "decode_ratio": t_ours / t_raw}
+        print("Decoder backends: decord not installed here")
+        return {}
+    path = video_for(slowfast_videos.natural_spec(minutes), f"natural_{minutes:g}min_720p")
+    rows = {}
+    for fps in (0.5, 2.0, 8.0):
+        idx = video_io.index(path)
+        positions = sample_positions(idx.pts, _frame_count(idx.duration, fps, SlowFastConfig(fps=fps)))
+        times = {}
+        for _ in range(repeat):  # interleaved, so both see the same machine load
+            for backend in ("pyav", "decord"):
+                t = time.perf_counter()
+                n = sum(1 for _ in video_io.decode(path, positions, backend=backend))
+                times.setdefault(backend, []).append(time.perf_counter() - t)
+                assert n == len(positions)
+        pyav, dec = statistics.median(times["pyav"]), statistics.median(times["decord"])
+        rows[fps] = {"pyav_s": pyav, "decord_s": dec}
+        print(
+            f"  {len(positions):5d} frames ({fps:g} fps): pyav {pyav:6.2f} s   decord {dec:6.2f} s   pyav/decord {pyav / dec:.2f}"
+        )
+    return {"backends": rows}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,17 +291,17 @@ def bench_tokens() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="encoders benchmark")
-    p.add_argument("--minutes", type=float, default=float(os.environ.get("KEYE_BENCH_MINUTES", 10)))
+    p.add_argument("--minutes", type=float, default=float(os.environ.get("KEYE_BENCH_MINUTES", 2)))
+    p.add_argument("--long-minutes", type=float, default=10.0)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--child-plan", help=argparse.SUPPRESS)
     args = p.parse_args([] if argv is None else argv)
-    if args.child_plan:
-        print(json.dumps(child_plan(args.child_plan)))
-        return {}
     print(f"machine: {machine()}")
     results = {}
-    results.update(bench_slowfast(args.minutes))
-    results.update(bench_decode(args.minutes, args.repeat))
+    results.update(bench_frames(args.minutes))
+    results.update(bench_long(args.long_minutes))
+    results.update(bench_startup(max(args.repeat, 5)))
+    print(f"Decoder backends on the {args.minutes:g}-minute clip (in process, median of {args.repeat})")
+    results.update(bench_backends(args.minutes, args.repeat))
     results["tokens"] = bench_tokens()
     return results
 

@@ -31,7 +31,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from keye.chat import ChatSession
-from keye.compression import COMPRESSIONS, compress_inputs
+from keye.compression import COMPRESSIONS, compressed_video_tokens
 from keye.errors import KeyeInputError
 from keye.processing import KeyeProcessor, VideoInput
 
@@ -274,7 +274,7 @@ class DemoApp:
         With a compression, a video's token count after it is measured as `ChatSession` will apply it (DynTok runs
         the vision tower once for this; the session encodes the frames again when the question is sent)."""
         from keye.encoders.filmstrip import filmstrip
-        from keye.encoders.video import probe
+        from keye.encoders.video import index
 
         name = Path(path).name
         kind = _kind(path)
@@ -303,7 +303,7 @@ class DemoApp:
             thumb = image.copy()
             thumb.thumbnail((384, 384))
             return Media("image", path, name, summary=summary), thumb, summary
-        duration = probe(path).duration  # VideoDecodeError for a corrupt file or one without a video stream
+        duration = index(path).duration  # VideoDecodeError for a corrupt file or one without a video stream
         if duration > self.limits.max_duration_s:
             raise KeyeInputError(
                 name,
@@ -311,9 +311,10 @@ class DemoApp:
             )
         video = self.processor.load_video(path, **overrides)
         if compress != "none":
-            inputs = self.processor([{"role": "user", "content": [{"type": "video", "video": video}]}])
             video.plan.compress = compress
-            video.plan.tokens_after_compression = compress_inputs(self.model, inputs, compress)[1]
+            video.plan.tokens_after_compression = compressed_video_tokens(
+                self.model, self.processor, video, compress
+            )
         summary = video_summary(video, name)
         return (
             Media("video", path, name, video, summary),

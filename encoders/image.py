@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from keye.errors import ImageLoadError
+from keye.encoders.errors import ImageLoadError
 
 ImageInput = str | Path | Image.Image | np.ndarray
 

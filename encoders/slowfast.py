@@ -6,50 +6,44 @@ similarity exceeds 0.7 is unchanged (patches black in both frames are left out),
 patches unchanged starts a new slow frame. The first frame is slow. Slow frames get the largest per-frame token count in
 [48, 768] that keeps the whole video within the token budget; fast frames get 30% of it (at least 48).
 
-This behaves like keye-vl-utils 1.5.2 (``process_vision_info``): the similarity features are bit-exact with it (same
-sampled frames, same antialiased bilinear downscale, OpenCV's 8-bit HSV, same float32 cosine and mean), but
+This behaves like keye-vl-utils 1.5.2 (``process_vision_info``), with the same sampled frames (its float32 linspace,
+reproduced without torch), OpenCV's 8-bit HSV (bit-exact), the same patch layout and thresholds; its features differ
+from these only by the downscale's rounding (PIL's antialiased bilinear instead of torch's port of it: one grey level
+on ~0.1% of pixels) and by float32 vs exact cosines (~1e-7), which left every label identical on the committed
+fixtures and the benchmark clips. Differences by design:
 
-- frames are decoded once, streaming, in bounded memory: the reference holds every sampled frame at native
-  resolution (gigabytes for a long 1080p video); here only a small batch of native frames is alive at a time;
+- frames are decoded once, streaming, in bounded memory (`keye.encoders.video`): the reference holds every sampled
+  frame at native resolution (gigabytes for a long 1080p video);
 - the token budget is never exceeded (the reference's search can overshoot by one step, and its smart_resize can round
   above the cap); when even the minimum tokens per frame would exceed the budget, fewer frames are sampled, evenly
   spread, *before* labelling, so labels are always computed on the frames actually kept;
 - the token budget counts each frame's actual tokens after resizing (the reference counts the caps, e.g. 48 for a
-  fast frame that resizes to 45), so a long video gets somewhat larger slow frames for the same budget;
+  fast frame that resizes to 45), so a long video gets somewhat larger slow frames for the same budget
+  (``budget_rule="reference"`` restores the reference's rule; `SlowFastConfig.official` uses it);
 - clips shorter than 1/fps give one frame (the reference gives none), frames that are black in both compared frames
   count as unchanged instead of dividing by zero, timestamps are presentation times (variable frame rate: frames
-  nearest to instants uniform in time), videos without a video stream raise `VideoDecodeError`;
-- decoding uses PyAV by default, decord only when asked (``backend="decord"``): both give identical pixels, and PyAV
-  can skip decoding frames that nothing references, which makes it about 3x faster than decord's ``get_batch`` for
-  2 fps sampling (bench/bench_encoders.py), so a missing decord changes nothing.
+  nearest to instants uniform in time), videos without a video stream raise `VideoDecodeError`.
 
-Frames come back resized with the same antialiased bilinear filter (``resample="bicubic"``: with PIL's bicubic
-from the decoded frame instead, as the official image processor resizes; converted Keye-VL-1.5 models use it). A frame is kept, while the video streams by, at
-the largest size it can still get; when later slow frames shrink the budget share, it is downscaled again at the end
-(two antialiased downscales instead of one: about 2 grey levels of mean difference).
+Frames come back resized with PIL's antialiased bilinear filter (``resample="bicubic"``: PIL's bicubic from the decoded
+frame, as the official image processor resizes; converted Keye-VL-1.5 models use it). A frame is kept, while the video
+streams by, at the largest size it can still get; when later slow frames shrink the budget share, it is downscaled
+again at the end (two antialiased downscales instead of one: about 2 grey levels of mean difference).
 
-Not for: pixels-to-patches and normalisation (``keye.processing``), the prompt layout (``keye.processing``), decoding
-whole videos for other uses (``encoders.video``).
+No torch here: planning needs numpy and PIL (and the decoder, PyAV).
+
+Not for: decoding (``keye.encoders.video``), pixels-to-patches and the prompt layout (``keye.processing``).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from keye.errors import ConfigError, VideoDecodeError
-
-logger = logging.getLogger(__name__)
+from keye.encoders.errors import ConfigError
 
 __all__ = [
     "SlowFastConfig",
@@ -69,9 +63,6 @@ __all__ = [
 
 # Features are computed this many frames at a time: about 20 MB of float32 patch vectors at 256 tokens per frame.
 _FEATURE_BATCH = 8
-# Native-resolution RGB frames in flight (a batch being processed plus the decoder thread's queue): at most this many
-# bytes, so a 4K video keeps fewer frames in flight than a 720p one.
-_NATIVE_BYTES = 64 << 20
 
 
 @dataclass
@@ -120,6 +111,12 @@ class SlowFastConfig:
             )
         if problems:
             raise ConfigError("SlowFastConfig", "; ".join(problems))
+
+    @classmethod
+    def official(cls, **overrides) -> SlowFastConfig:
+        """Keye-VL-1.5's own settings, as keye-vl-utils 1.5.2 applies them: 2 fps, 65,536 tokens, its budget rule, and
+        frames resized with bicubic from the decoded frame. ``overrides`` replace fields."""
+        return cls(**{"budget_rule": "reference", "resample": "bicubic", **overrides})
 
 
 @dataclass
@@ -357,25 +354,22 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     return np.stack([h, s, v], axis=-1)
 
 
-def _patch_features(planar: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit HSV patch vectors and all-black flags of a batch of small RGB frames.
+def _patch_features(small: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """HSV patch vectors, their squared norms and all-black flags of a batch of small RGB frames.
 
-    planar: (B, 3, h, w) uint8 RGB, h and w multiples of ``patch``.
-    Returns (B, P, 3*patch*patch) float32 vectors divided by (norm + 1e-8), and (B, P) bool, True where the patch is
-    all zeros in HSV (black). Vector layout (c, p1, p2) and the float32 ops are the reference's, so the cosines match
-    it bit for bit.
+    small: (B, h, w, 3) uint8 RGB, h and w multiples of ``patch``.
+    Returns (B, P, 3*patch*patch) float64 vectors in the reference's layout (c, p1, p2) and (B, P) float64 squared
+    norms. Every value is an integer below 2**53, so dot products and norms are exact whatever the summation order;
+    the reference's float32 cosines differ from these by about 1e-7.
     """
-    b, _, h, w = planar.shape
-    x = planar.numpy()
+    b, h, w, _ = small.shape
     hsv = np.empty((b, 3, h, w), dtype=np.uint8)
     for i in range(b):  # one frame at a time keeps the int32 temporaries in cache
-        hsv[i, 0], hsv[i, 1], hsv[i, 2] = _hsv_planes(x[i, 0], x[i, 1], x[i, 2])
+        hsv[i, 0], hsv[i, 1], hsv[i, 2] = _hsv_planes(small[i, ..., 0], small[i, ..., 1], small[i, ..., 2])
     gh, gw = h // patch, w // patch
-    vec = torch.from_numpy(hsv).view(b, 3, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
-    vec = vec.reshape(b, gh * gw, 3 * patch * patch).float()  # (B, P, D)
-    norm = torch.norm(vec, p=2, dim=-1, keepdim=True) + 1e-8  # (B, P, 1)
-    black = norm.squeeze(-1) < 0.01
-    return vec / norm, black
+    vec = hsv.reshape(b, 3, gh, patch, gw, patch).transpose(0, 2, 4, 1, 3, 5)
+    vec = vec.reshape(b, gh * gw, 3 * patch * patch).astype(np.float64)  # (B, P, D)
+    return vec, np.einsum("bpd,bpd->bp", vec, vec)
 
 
 class _Labeler:
@@ -383,30 +377,33 @@ class _Labeler:
 
     def __init__(self, cfg: SlowFastConfig):
         self.cfg = cfg
-        self.ref: torch.Tensor | None = None  # (P, D) unit vectors of the last slow frame
-        self.ref_black: torch.Tensor | None = None  # (P,)
+        self.ref: np.ndarray | None = None  # (P, D) HSV vectors of the last slow frame
+        self.ref_sq: np.ndarray | None = None  # (P,) their squared norms
 
-    def update(self, planar: torch.Tensor) -> list[bool]:
-        """planar: (B, 3, h, w) uint8 RGB at the feature size. Returns True (slow) / False (fast) per frame."""
-        vec, black = _patch_features(planar, self.cfg.patch)  # (B, P, D), (B, P)
-        labels = [False] * vec.shape[0]
+    def update(self, small: np.ndarray) -> list[bool]:
+        """small: (B, h, w, 3) uint8 RGB at the feature size. Returns True (slow) / False (fast) per frame."""
+        vec, sq = _patch_features(small, self.cfg.patch)  # (B, P, D), (B, P)
+        labels = [False] * len(vec)
         i = 0
         if self.ref is None:
-            self.ref, self.ref_black = vec[0].clone(), black[0].clone()
+            self.ref, self.ref_sq = vec[0], sq[0]
             labels[0], i = True, 1
         # The sequential part: compare with the last slow frame. All remaining frames of the batch are compared at
         # once; when one turns out slow it becomes the reference and the frames after it are compared again.
         while i < len(labels):
-            # (B - i, P): the reference's per-pair expression, row by row
-            cos = (self.ref * vec[i:]).sum(dim=-1)
-            same = (cos > self.cfg.similarity_threshold).numpy()
-            valid = (~(self.ref_black & black[i:])).numpy()  # a patch black in both frames says nothing
+            dot = np.einsum("pd,bpd->bp", self.ref, vec[i:])  # (B - i, P)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos = dot / np.sqrt(
+                    self.ref_sq * sq[i:]
+                )  # a black patch: 0/0, not similar (as the reference)
+            same = cos > self.cfg.similarity_threshold
+            valid = (self.ref_sq > 0) | (sq[i:] > 0)  # a patch black in both frames says nothing
             n_valid = valid.sum(axis=1)
             n_same = (same & valid).sum(axis=1)
             for j in range(len(n_valid)):
                 if self._is_new(int(n_same[j]), int(n_valid[j])):
                     labels[i + j] = True
-                    self.ref, self.ref_black = vec[i + j].clone(), black[i + j].clone()
+                    self.ref, self.ref_sq = vec[i + j], sq[i + j]
                     i += j + 1
                     break
             else:
@@ -442,15 +439,28 @@ def label_frames(small_frames: np.ndarray, config: SlowFastConfig | None = None)
     labeler = _Labeler(cfg)
     labels: list[bool] = []
     for s in range(0, n, _FEATURE_BATCH):
-        batch = torch.from_numpy(
-            np.ascontiguousarray(small_frames[s : s + _FEATURE_BATCH].transpose(0, 3, 1, 2))
-        )
-        labels += labeler.update(batch)
+        labels += labeler.update(small_frames[s : s + _FEATURE_BATCH])
     return np.asarray(labels, dtype=bool)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Sampling
+
+
+def _linspace_round(last: int, n: int) -> np.ndarray:
+    """``torch.linspace(0, last, n, dtype=float32).round()`` (the reference's frame choice), without torch.
+
+    torch computes ``step = last / (n - 1)`` in float32, then ``step * i`` for the first half and
+    ``last - step * (n - 1 - i)`` for the second, each rounded to float32 once (fused multiply-add); tested against
+    torch itself for every n <= total < 300 and 100,000 random pairs up to 3 million frames.
+    """
+    if n == 1:
+        return np.zeros(1, dtype=np.int64)
+    end = np.float32(last)
+    step = np.float64(np.float32(end / np.float32(n - 1)))
+    i = np.arange(n)
+    values = np.where(i < n // 2, step * i, np.float64(end) - step * (n - 1 - i)).astype(np.float32)
+    return np.round(values).astype(np.int64)  # half to even, as torch.round
 
 
 def sample_positions(pts: np.ndarray, n: int) -> np.ndarray:
@@ -468,7 +478,7 @@ def sample_positions(pts: np.ndarray, n: int) -> np.ndarray:
     n = min(n, total)
     steps = np.diff(pts)
     if total < 3 or steps.max() - steps.min() <= 1:  # constant frame rate (one tick of rounding allowed)
-        return np.unique(torch.linspace(0, total - 1, n, dtype=torch.float32).round().long().numpy())
+        return np.unique(_linspace_round(total - 1, n))
     pos = np.interp(np.linspace(pts[0], pts[-1], n), pts, np.arange(total))
     return np.unique(np.round(pos).astype(np.int64))
 
@@ -519,263 +529,80 @@ def plan_from_labels(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Decoding. A local streaming decoder rather than encoders.video.iter_frames: the planner needs the sampled frames
-# at native size (so its downscale is the reference's), and skips decoding frames that nothing references.
+# Planning a video file (decoding is `keye.encoders.video`'s)
 
 
-@dataclass
-class _StreamIndex:
-    pts: np.ndarray  # (N,) int64, presentation order
-    time_base: Fraction
-    height: int
-    width: int
-    duration: Fraction  # seconds
-    start: int  # stream start time (time_base units): times count from here, as in encoders.video
-    pts_exact: bool  # packets carried presentation timestamps (else: frame order and the average rate)
+def _resize(frame: np.ndarray, hw: tuple[int, int], bicubic: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 with PIL's antialiased bilinear (or bicubic) filter.
 
-
-def _open_error(path: str, err: Exception) -> VideoDecodeError:
-    if isinstance(err, FileNotFoundError) or not Path(path).exists():
-        return VideoDecodeError(path, "no such file")
-    return VideoDecodeError(path, f"cannot decode ({type(err).__name__}: {err})")
-
-
-def _video_stream(container, path: str):
-    # 0x400: attached picture (cover art of an audio file), not a video
-    streams = [s for s in container.streams.video if not (s.disposition.value & 0x400)]
-    if not streams:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
-        raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
-    return streams[0]
-
-
-def _index_pyav(path: str) -> _StreamIndex:
-    """Demux (no decoding) the video stream once: every frame's presentation time, hence N, duration and rate."""
-    import av
-
-    try:
-        container = av.open(path)
-    except Exception as err:  # PyAV raises its own error classes for every failure to open
-        raise _open_error(path, err) from err
-    with container:
-        stream = _video_stream(container, path)
-        tb = stream.time_base or Fraction(1, 1000)
-        pts, durations, missing = [], [], 0
-        try:
-            for packet in container.demux(stream):
-                if packet.size == 0 or packet.is_discard:  # flush packets; frames an edit list hides
-                    continue
-                if packet.pts is None:
-                    missing += 1
-                    continue
-                pts.append(packet.pts)
-                durations.append(packet.duration or 0)
-        except av.error.FFmpegError as err:  # a truncated file: plan the part that can be read
-            logger.warning(
-                "%s: read error after %d frames (%s); using the readable part", path, len(pts), err
-            )
-        height, width = stream.codec_context.height, stream.codec_context.width
-        rate = stream.average_rate or stream.guessed_rate
-        start = stream.start_time
-    if not pts and not missing:
-        raise VideoDecodeError(path, "video stream has no frames")
-    if missing:  # no presentation times (some raw or AVI streams): frames in order at the average rate
-        n = len(pts) + missing
-        rate = Fraction(rate) if rate else Fraction(25)
-        tb = 1 / rate
-        return _StreamIndex(np.arange(n, dtype=np.int64), tb, height, width, n * tb, 0, pts_exact=False)
-    order = np.unique(np.asarray(pts, dtype=np.int64))  # presentation order; duplicates are the same frame
-    last = durations[int(np.argmax(pts))] or (int(np.median(np.diff(order))) if len(order) > 1 else 0)
-    if last == 0:  # a single frame without a duration: one frame period from the stream rate
-        last = int(1 / (Fraction(rate) * tb)) if rate else 1
-    start = order[0] if start is None else min(int(start), int(order[0]))
-    return _StreamIndex(
-        order, tb, height, width, (int(order[-1] - order[0]) + last) * tb, start, pts_exact=True
-    )
-
-
-def _decode_pyav(path: str, index: _StreamIndex, positions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (k, native RGB frame) for the frames at ``positions`` (into ``index.pts``), in order.
-
-    Packets of frames not asked for are decoded with ``skip_frame=NONREF``: a frame that no other frame references is
-    then not decoded at all (frames that are asked for, and reference frames, decode as usual, so pixels are exact).
+    The reference downscales for the features with torch's antialiased bilinear on uint8; PIL's filter is the same
+    (torch's uint8 kernel is a port of Pillow-SIMD's) with differently rounded integer weights: about 0.1% of the
+    pixels differ by one grey level, which left every label identical on the committed keye-vl-utils fixtures and on
+    the benchmark clips (``make bench`` prints the share).
     """
-    import av
+    if frame.shape[:2] == tuple(hw):
+        return frame
+    from PIL import Image
 
-    wanted = {int(p): k for k, p in enumerate(positions)}  # position in presentation order -> k
-    wanted_pts = set(index.pts[positions].tolist()) if index.pts_exact else None
-    with av.open(path) as container:
-        stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"
-        ctx = stream.codec_context
-        got, order, errors = 0, 0, 0
-        try:
-            for packet in container.demux(stream):
-                if wanted_pts is not None:
-                    ctx.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
-                try:
-                    decoded = ctx.decode(packet)
-                except av.error.InvalidDataError:  # a corrupt packet: only fatal if it held a sampled frame
-                    errors += 1
-                    continue
-                for frame in decoded:
-                    pos = order  # without timestamps: the count of frames decoded so far
-                    if wanted_pts is not None and frame.pts is not None:
-                        pos = _nearest(index.pts, frame.pts)
-                    order += 1
-                    k = wanted.pop(pos, None)
-                    if k is not None:
-                        yield k, frame.to_ndarray(format="rgb24")
-                        got += 1
-                        if got == len(positions):
-                            return
-        except av.error.FFmpegError as err:
-            raise VideoDecodeError(path, f"decoding failed ({type(err).__name__}: {err})") from err
-    if got < len(positions):
-        why = f", {errors} corrupt packets" if errors else ""
-        raise VideoDecodeError(path, f"decoded {got} of the {len(positions)} sampled frames{why}")
-
-
-def _nearest(pts: np.ndarray, p: int) -> int:
-    """Position of the presentation time nearest ``p`` (a decoder may report a frame's time a tick off)."""
-    j = int(np.searchsorted(pts, p))
-    if j == len(pts) or (j > 0 and p - pts[j - 1] <= pts[j] - p):
-        return j - 1
-    return j
-
-
-def _index_decord(path: str) -> tuple[_StreamIndex, object]:
-    import decord
-
-    try:
-        reader = decord.VideoReader(path, num_threads=0)
-    except Exception as err:  # decord raises DECORDError (a RuntimeError) for every failure
-        raise _open_error(path, err) from err
-    n = len(reader)
-    if n == 0:
-        raise VideoDecodeError(path, "video stream has no frames")
-    stamps = reader.get_frame_timestamp(range(n))  # (N, 2) start, end seconds
-    tb = Fraction(1, 1_000_000)
-    pts = np.round(stamps[:, 0] * 1e6).astype(np.int64)
-    h, w = reader[0].shape[:2]
-    duration = Fraction(round((stamps[-1, 1] - stamps[0, 0]) * 1e6)) * tb
-    reader.seek(0)
-    return _StreamIndex(pts, tb, h, w, duration, 0, pts_exact=True), reader
-
-
-def _decode_decord(reader, positions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    for s in range(0, len(positions), _FEATURE_BATCH):
-        chunk = positions[s : s + _FEATURE_BATCH]
-        batch = reader.get_batch(chunk.tolist()).asnumpy()
-        for j in range(len(chunk)):
-            yield s + j, batch[j]
-
-
-def _threaded(it: Iterator, maxsize: int) -> Iterator:
-    """Run an iterator in a thread (decoding overlaps the features), with a bounded queue; errors re-raised here."""
-    q: queue.Queue = queue.Queue(maxsize)
-    stop = threading.Event()
-    done = object()
-
-    def work():
-        try:
-            for item in it:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as err:  # handed to the consumer, which re-raises it
-            q.put(err)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-
-
-def _resize(planar: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> (B, 3, h, w) uint8, antialiased bilinear (the reference's downscale for features)."""
-    if tuple(planar.shape[-2:]) == tuple(hw):
-        return planar
-    return F.interpolate(planar, size=hw, mode="bilinear", antialias=True)
+    resample = Image.BICUBIC if bicubic else Image.BILINEAR
+    return np.asarray(Image.fromarray(frame).resize((hw[1], hw[0]), resample))
 
 
 def plan_video(
-    path: str | Path, config: SlowFastConfig | None = None, *, backend: str = "auto"
+    path: str | Path,
+    config: SlowFastConfig | None = None,
+    *,
+    backend: str = "auto",
+    keep_frames: bool = True,
 ) -> tuple[VideoPlan, list[np.ndarray]]:
     """Sample, label and size the frames of a video; return the plan and the frames at their planned sizes.
 
-    Returns ``(plan, frames)`` with ``frames[i]`` an (h, w, 3) uint8 RGB array of ``plan.frames[i].height x width``.
-    The video is decoded once, streaming: each sampled frame is downscaled for the similarity features and kept at
-    no more than the largest size it can still get (the budget with the slow frames seen so far and every later frame
-    fast); after the last frame the sizes are final and kept frames are downscaled to them when needed. Memory is a
-    few native frames plus, at worst, about twice the budget's pixels.
+    Returns ``(plan, frames)`` with ``frames[i]`` an (h, w, 3) uint8 RGB array of ``plan.frames[i].height x width``
+    (an empty list with ``keep_frames=False``: the plan alone, which is all ``keye frames`` needs). The video is
+    decoded once, streaming (`keye.encoders.video.decode`): each sampled frame is downscaled for the similarity
+    features and kept at no more than the largest size it can still get (the budget with the slow frames seen so far
+    and every later frame fast); after the last frame the sizes are final and kept frames are downscaled to them when
+    needed. Memory is a few native frames plus, at worst, about twice the budget's pixels.
 
-    backend: "auto" or "pyav" (PyAV, skipping frames nobody references), or "decord". The pixels are identical.
+    backend: "auto", "pyav" or "decord" (see `keye.encoders.video`); the pixels are identical.
     """
+    from keye.encoders import video as video_io
+
     cfg = config or SlowFastConfig()
     path = str(path)
-    if backend not in ("auto", "pyav", "decord"):
-        raise ValueError(f"plan_video: unknown backend {backend!r} (auto, pyav, decord)")
-    if not Path(path).is_file():
-        raise VideoDecodeError(path, "no such file")
-    if backend == "decord":
-        index, reader = _index_decord(path)
-    else:
-        index, reader = _index_pyav(path), None
-    total = len(index.pts)
-    duration = float(index.duration)
-    native_fps = total / duration if duration > 0 else float(cfg.fps)
+    index = video_io.index(path, backend)
+    duration = index.duration
+    native_fps = index.fps or float(cfg.fps)
     sample_fps = min(cfg.fps, native_fps)
-    wanted = _frame_count(duration, sample_fps, cfg)
-    positions = sample_positions(index.pts, wanted)
+    positions = sample_positions(index.pts, _frame_count(duration, sample_fps, cfg))
     n = len(positions)
     if n < int(duration * sample_fps + 1e-9):  # capped (max_frames, budget): report the rate used
         sample_fps = n / duration
-    if index.height < 1 or index.width < 1:
-        raise VideoDecodeError(path, f"video stream has no frame size ({index.width}x{index.height})")
-
-    frames_it = (
-        _decode_decord(reader, positions) if reader is not None else _decode_pyav(path, index, positions)
+    frames = video_io.decode(path, positions, backend=backend, video_index=index)
+    labels, kept = _label_stream(frames, n, index.height, index.width, cfg, keep_frames)
+    plan = plan_from_labels(
+        labels,
+        positions,
+        index.times[positions],
+        index.height,
+        index.width,
+        cfg,
+        video=path,
+        duration=duration,
+        native_fps=native_fps,
+        sample_fps=sample_fps,
     )
-    # The decoder thread keeps a core busy: leave it one, or torch's worker threads spin against it (on 2 cores,
-    # 2 torch threads made planning up to 2x slower than 1 under load). Restored before returning.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-    try:
-        plan, out = _plan_stream(path, cfg, index, positions, frames_it, duration, native_fps, sample_fps)
-    finally:
-        torch.set_num_threads(threads)
+    out = [
+        _resize(img, (fp.height, fp.width), bicubic=cfg.resample == "bicubic")
+        for fp, img in zip(plan.frames, kept)
+    ]
     return plan, out
 
 
-def _plan_stream(
-    path: str,
-    cfg: SlowFastConfig,
-    index: _StreamIndex,
-    positions: np.ndarray,
-    frames_it: Iterator[tuple[int, np.ndarray]],
-    duration: float,
-    native_fps: float,
-    sample_fps: float,
-) -> tuple[VideoPlan, list[np.ndarray]]:
-    """plan_video's streaming part: label each frame as it comes, keep it at its largest possible size."""
-    n = len(positions)
-    times = (index.pts[positions] - index.start) * float(index.time_base)
-    height, width = index.height, index.width
+def _label_stream(
+    frames: Iterator[np.ndarray], n: int, height: int, width: int, cfg: SlowFastConfig, keep_frames: bool
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Label each of the ``n`` frames as it comes; keep it (``keep_frames``) at its largest possible size."""
     small_hw = feature_size(height, width, cfg)
     labeler = _Labeler(cfg)
     labels = np.ones(n, dtype=bool)  # stays all-slow when Slow-Fast is disabled
@@ -787,64 +614,29 @@ def _plan_stream(
     # bicubic resizes from the decoded frame, and the reference's budget rule need not shrink as slow frames come in:
     # either way the frames wait at native size for the final plan, as keye-vl-utils keeps them
     keep_native = cfg.resample == "bicubic" or cfg.budget_rule == "reference"
+    batch: list[np.ndarray] = []
+    done = 0
 
-    def flush(batch: list[np.ndarray]) -> None:
-        nonlocal n_slow, bound
-        # (1, 3, H, W) views with channels-last memory, as the reference's permuted batch
-        native = [torch.from_numpy(f).permute(2, 0, 1)[None] for f in batch]
+    def flush() -> None:
+        nonlocal n_slow, bound, done
         if cfg.enabled:
-            small = torch.cat([_resize(x, small_hw) for x in native]).contiguous()  # (B, 3, h, w) planar
-            labels[len(kept) : len(kept) + len(batch)] = labeler.update(small)
-        for x in native:
-            slow = bool(labels[len(kept)])
+            small = np.stack([_resize(f, small_hw) for f in batch])  # (B, h, w, 3)
+            labels[done : done + len(batch)] = labeler.update(small)
+        for frame in batch:
+            slow = bool(labels[done])
+            done += 1
             if cfg.enabled and slow:
                 n_slow += 1
                 if n_slow > 1:
                     bound = _split_sizes(n_slow, n - n_slow, height, width, cfg)
-            img = x if keep_native else _resize(x, bound[0] if slow else bound[1])  # (1, 3, h, w)
-            kept.append(np.ascontiguousarray(img[0].permute(1, 2, 0).numpy()))  # (h, w, 3)
+            if keep_frames:
+                kept.append(frame if keep_native else _resize(frame, bound[0] if slow else bound[1]))
+        batch.clear()
 
-    # Native frames alive at once: a batch plus the decoder's queue, about 64 MB whatever the resolution.
-    per_batch = max(1, min(_FEATURE_BATCH, _NATIVE_BYTES // (2 * height * width * 3)))
-    batch: list[np.ndarray] = []
-    pending: dict[int, np.ndarray] = {}  # frames arriving out of order wait here (the labels need time order)
-    for k, frame in _threaded(frames_it, maxsize=per_batch):
-        pending[k] = frame
-        if (
-            len(pending) > 4 * per_batch
-        ):  # bounded memory: a frame that never comes is an error, not a pile-up
-            missing = len(kept) + len(batch)
-            raise VideoDecodeError(path, f"sampled frame {int(positions[missing])} did not decode")
-        while len(kept) + len(batch) in pending:
-            batch.append(pending.pop(len(kept) + len(batch)))
-            if len(batch) == per_batch:
-                flush(batch)
-                batch = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == _FEATURE_BATCH:
+            flush()
     if batch:
-        flush(batch)
-    if len(kept) < n:
-        raise VideoDecodeError(path, f"decoded {len(kept)} of the {n} sampled frames")
-
-    plan = plan_from_labels(
-        labels,
-        positions,
-        times,
-        height,
-        width,
-        cfg,
-        video=path,
-        duration=duration,
-        native_fps=native_fps,
-        sample_fps=sample_fps,
-    )
-    out = []
-    for fp, img in zip(plan.frames, kept):
-        if keep_native and cfg.resample == "bicubic":
-            from PIL import Image
-
-            img = np.asarray(Image.fromarray(img).resize((fp.width, fp.height), Image.BICUBIC))
-        elif img.shape[:2] != (fp.height, fp.width):
-            img = _resize(torch.from_numpy(img).permute(2, 0, 1)[None], (fp.height, fp.width))[0]
-            img = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
-        out.append(img)
-    return plan, out
+        flush()
+    return labels, kept

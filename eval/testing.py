@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from keye.errors import VideoDecodeError
 from keye.eval.predictor import Prediction, Subtitle
 
 __all__ = [
@@ -37,25 +36,13 @@ class SimulatedKill(BaseException):
 
 
 def probe_video(path: str | Path) -> float:
-    """Duration in seconds of a decodable video; `VideoDecodeError` naming the file otherwise."""
-    import av
+    """Duration in seconds of a video whose first frame decodes (`keye.encoders.video`); `VideoDecodeError` naming
+    the file otherwise."""
+    from keye.encoders.video import decode, index
 
-    path = Path(path)
-    if not path.is_file():
-        raise VideoDecodeError(path, "no such file")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoDecodeError(path, "no video stream")
-            stream = container.streams.video[0]
-            next(container.decode(stream))  # prove that a frame decodes
-            if stream.duration is not None:
-                return float(stream.duration * stream.time_base)
-            return float(container.duration or 0) / 1e6
-    except StopIteration:
-        raise VideoDecodeError(path, "no frames") from None
-    except (av.error.FFmpegError, OSError) as e:
-        raise VideoDecodeError(path, f"cannot decode: {e}") from e
+    idx = index(path)
+    next(decode(path, [0], video_index=idx))
+    return idx.duration
 
 
 def hash_policy(video_path: str, prompt: str) -> str:

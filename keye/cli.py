@@ -18,10 +18,10 @@ import sys
 def _check_media(videos: list[str], images: list[str]) -> None:
     """Fail fast, before the model loads: every file exists and opens as what it claims to be."""
     from keye.encoders.image import load_image
-    from keye.encoders.video import probe
+    from keye.encoders.video import index
 
     for v in videos:
-        probe(v)
+        index(v)
     for i in images:
         load_image(i)
 
@@ -106,32 +106,33 @@ def _chat_tools(args, model, processor) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ frames
+_SETTINGS_NAMES = {"official": "Keye-VL-1.5's official settings (as keye-vl-utils 1.5.2)"}
+
+
 def _frames(args) -> int:
+    from dataclasses import asdict
+
     from keye.encoders.slowfast import SlowFastConfig, plan_video
 
-    cfg = SlowFastConfig(
-        **{
-            k: v
-            for k, v in (
-                ("fps", args.fps),
-                ("max_frames", args.max_frames),
-                ("token_budget", args.token_budget),
-            )
-            if v is not None
-        }
-    )
-    plan, frames = plan_video(args.video, cfg)
+    overrides = {"fps": args.fps, "max_frames": args.max_frames, "token_budget": args.token_budget}
+    if args.model is None:  # Keye-VL-1.5's own settings, as keye-vl-utils applies them
+        cfg, source = SlowFastConfig.official(**{k: v for k, v in overrides.items() if v is not None}), "official"
+    else:
+        from keye.settings import read_processor_settings
+
+        cfg, source = read_processor_settings(args.model).video_config(**overrides), args.model
+    keep = bool(args.plot) or args.compress != "none"  # the plan alone needs no frame kept
+    plan, frames = plan_video(args.video, cfg, keep_frames=keep)
     if args.compress != "none":
         from keye import load_pretrained
-        from keye.compression import compress_inputs
+        from keye.compression import compressed_video_tokens
         from keye.processing import VideoInput
 
-        model, processor = load_pretrained(args.model)
+        model, processor = load_pretrained(args.model or "keye-tiny")
         video = VideoInput(frames, [f.time for f in plan.frames], [f.kind for f in plan.frames], plan)
-        inputs = processor([{"role": "user", "content": [{"type": "video", "video": video}]}])
         plan.compress = args.compress
-        plan.tokens_after_compression = compress_inputs(model, inputs, args.compress)[1]
-    report = plan.to_dict()
+        plan.tokens_after_compression = compressed_video_tokens(model, processor, video, args.compress)
+    report = {**plan.to_dict(), "settings": {"source": source, **asdict(cfg)}}
     if args.plot:
         from keye.encoders.filmstrip import save_filmstrip
 
@@ -140,6 +141,7 @@ def _frames(args) -> int:
         print(json.dumps(report))
         return 0
     kinds = [f["kind"] for f in report["frames"]]
+    print(f"settings: {_SETTINGS_NAMES.get(source, f'{source} (its processor)')}")
     print(
         f"{report['video']}: {report['duration']:.1f} s at {report['native_fps']:.2f} fps, sampled at "
         f"{report['sample_fps']:.2f} fps -> {len(kinds)} frames ({kinds.count('slow')} slow, {kinds.count('fast')} fast)"
@@ -168,7 +170,7 @@ def _info(args) -> int:
     try:
         import decord  # noqa: F401
 
-        decoder = "decord (PyAV fallback)"
+        decoder = "PyAV (decord installed: backend='decord')"
     except ImportError:
         decoder = "PyAV (decord not installed)"
     cuda = torch.cuda.is_available()
@@ -269,14 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("frames", help="show which frames Slow-Fast selection samples, and their token costs")
     p.add_argument("video")
+    p.add_argument(
+        "--model",
+        help="plan as this model's processor does (keye-tiny or a model folder); default: Keye-VL-1.5's official "
+        "settings, as keye-vl-utils. With --compress, the model that compresses (default keye-tiny)",
+    )
     p.add_argument("--fps", type=float, help="sampling rate (effective: min(fps, native fps); default 2)")
     p.add_argument("--max-frames", type=int, help="cap on sampled frames (default 1365)")
     p.add_argument("--token-budget", type=int, help="vision tokens for the whole video (default 65536)")
-    p.add_argument("--compress", choices=COMPRESSIONS, default="none", help="token compression to report")
     p.add_argument(
-        "--model",
-        default="keye-tiny",
-        help="model that compresses (with --compress): its vision tower, and its TimePerceiver for clapper",
+        "--compress",
+        choices=COMPRESSIONS,
+        default="none",
+        help="report the video's tokens after this compression (runs the model's vision tower; no prompt)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="OUT.png", help="draw a film strip with slow/fast marks and timestamps")
@@ -314,10 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s"
     )
     if not args.debug:
-        from transformers.utils import logging as hf_logging
+        # Quiet libraries without importing them (transformers alone costs a second): their own messages are not
+        # the one-line errors this CLI prints. transformers reads these variables when it loads.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        logging.getLogger("libav").setLevel(logging.CRITICAL)  # FFmpeg's decoder chatter (keye.encoders.video)
     try:
         return args.func(args) or 0
     except Exception as e:
@@ -334,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `keye frames video.mp4 | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -219,3 +219,26 @@ def compress_inputs(model, inputs, method: str) -> tuple[dict, int]:
         return dict(inputs), n
     out, _ = (dyntok_inputs if method == "dyntok" else clapper_inputs)(model, inputs)
     return out, int(out["video_embeds"].shape[0])
+
+
+@torch.no_grad()
+def compressed_video_tokens(model, processor, video, method: str) -> int:
+    """Vision tokens of one planned video (`keye.processing.VideoInput`) after ``method``, with no prompt around it:
+    the vision tower, projector and compressor only, so any video length works (``keye frames --compress``)."""
+    from keye.encoders.slowfast import reference_frames
+
+    if method not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {method!r}; choose from {COMPRESSIONS}")
+    if method == "none":
+        return video.plan.total_tokens
+    pixels, grids = processor.preprocess_video(video)
+    inputs = {
+        "pixel_values_videos": pixels,
+        "video_grid_thw": torch.tensor(grids, dtype=torch.long),
+        "video_reference_index": torch.tensor(reference_frames(video.kinds), dtype=torch.long),
+    }
+    merged, tokens, merged_grids = _encode(model, inputs)
+    if method == "dyntok":
+        return int(dyntok_frames(merged, tokens, merged_grids).tokens_after)
+    per_frame = list(tokens.split([h * w for h, w in merged_grids]))
+    return int(clapper_module(model)(per_frame, merged_grids).tokens.shape[0])

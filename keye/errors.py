@@ -1,32 +1,15 @@
-"""Errors raised on bad user input.
+"""Errors raised on bad user input (defined in `keye.encoders.errors`, the lightest layer; re-exported here).
 
-Every error names the input it is about. The CLI turns a `KeyeInputError` into a one-line message and exit status 2
-(the traceback only with ``--debug``); library users catch the specific subclass.
+Every error names the input it is about in one line. The CLI turns a `KeyeInputError` into that line and exit status
+2 (the traceback only with ``--debug``); library users catch the specific subclass.
 """
 
-from __future__ import annotations
+from keye.encoders.errors import (
+    ConfigError,
+    ContextLengthError,
+    ImageLoadError,
+    KeyeInputError,
+    VideoDecodeError,
+)
 
-
-class KeyeInputError(Exception):
-    """Bad input given by the user (a file, a prompt, a config); never a bug in keye."""
-
-    def __init__(self, source: object, message: str):
-        self.source = str(source)
-        self.message = message
-        super().__init__(f"{self.source}: {message}")
-
-
-class VideoDecodeError(KeyeInputError):
-    """A video file is missing, not a video, corrupt, or yields no frames."""
-
-
-class ImageLoadError(KeyeInputError):
-    """An image file is missing or cannot be decoded."""
-
-
-class ContextLengthError(KeyeInputError):
-    """The prompt plus its images/videos does not fit the model's context window."""
-
-
-class ConfigError(KeyeInputError):
-    """A configuration file or override is invalid (unknown key, wrong type)."""
+__all__ = ["KeyeInputError", "VideoDecodeError", "ImageLoadError", "ContextLengthError", "ConfigError"]

@@ -22,26 +22,14 @@ import torch
 
 from keye.configuration import VISION_TOKENS, KeyeConfig, KeyeTextConfig, keye_tiny_config, token_id_fields
 from keye.modeling import KeyeForConditionalGeneration
-from keye.processing import CHAT_TEMPLATE, KeyeProcessor, ProcessorSettings
+from keye.processing import CHAT_TEMPLATE, KeyeProcessor
+from keye.settings import TINY_SETTINGS, ProcessorSettings
 
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_WEIGHTS = ASSETS / "keye-tiny.safetensors"
 TINY_RECIPE_VERSION = "5"  # bump when the way keye-tiny is assembled changes, to rebuild caches
-
-# keye-tiny's video defaults: 112x112-ish frames (16 tokens) for slow frames, a small budget for a 2-core CPU.
-TINY_SETTINGS = dict(
-    min_pixels=56 * 56,
-    max_pixels=224 * 224,
-    fps=2.0,
-    max_frames=16,
-    token_budget=1024,
-    min_tokens=16,
-    max_tokens=64,
-    min_fast_tokens=4,
-    max_length=8192,
-)
 
 
 def keye_home() -> Path:

@@ -27,10 +27,14 @@ from keye.configuration import VISION_TOKENS, KeyeConfig
 from keye.encoders.slowfast import reference_frames
 from keye.errors import ContextLengthError
 from keye.rope import PromptLayout, TextSpan, VisionSpan
+from keye.settings import (  # noqa: F401  (re-exported: the processor's settings live in the light keye.settings)
+    OFFICIAL_FETCH_MAX_PIXELS,
+    OFFICIAL_SYSTEM,
+    PROCESSOR_CONFIG,
+    ProcessorSettings,
+    read_processor_settings,
+)
 
-PROCESSOR_CONFIG = "keye_processor.json"
-OFFICIAL_SYSTEM = "You are a helpful assistant."  # Keye-VL-1.5's chat template, when a conversation has none
-OFFICIAL_FETCH_MAX_PIXELS = 16_056_320  # keye-vl-utils' MAX_PIXELS (20,480 tokens of 28x28)
 IGNORE_INDEX = -100
 # The vision inputs `KeyeProcessor.__call__` returns, when present (what batches and chat turns carry to the model).
 VISION_INPUTS = (
@@ -88,77 +92,6 @@ def patchify(image: np.ndarray, patch: int = 14, mean: float = 0.5, std: float =
     x = torch.from_numpy(image.astype(np.float32)).div_(255.0).sub_(mean).div_(std)  # (H, W, 3)
     x = x.view(h // patch, patch, w // patch, patch, 3).permute(0, 2, 4, 1, 3)  # (h, w, 3, p, p)
     return x.reshape(-1, 3 * patch * patch)
-
-
-@dataclass
-class ProcessorSettings:
-    """Everything `KeyeProcessor` needs besides the tokenizer; saved as ``keye_processor.json``."""
-
-    patch_size: int = 14
-    merge_size: int = 2
-    image_mean: float = 0.5
-    image_std: float = 0.5
-    min_pixels: int = 3136
-    max_pixels: int = 1003520
-    # The official pipeline resizes an image twice: keye-vl-utils' fetch_image to at most this many pixels, then the
-    # image processor to max_pixels (a different grid for some large images). None: one resize (keye's default).
-    fetch_max_pixels: int | None = None
-    # Video frame selection (see keye.encoders.slowfast.SlowFastConfig)
-    fps: float = 2.0
-    max_frames: int = 1365
-    token_budget: int = 65536
-    min_tokens: int = 48
-    max_tokens: int = 768
-    fast_ratio: float = 0.3
-    min_fast_tokens: int = 48
-    slowfast: bool = True
-    # Video frames resized from the decoded frame with "bilinear" (antialiased, keye's default) or "bicubic" (PIL, as
-    # the official image processor does; keeps sampled frames at native size until the plan is final).
-    video_resample: str = "bilinear"
-    # "actual" (keye: frames sized by their actual tokens, never over token_budget) or "reference" (keye-vl-utils 1.5.2)
-    video_budget_rule: str = "actual"
-    max_length: int = 131072
-    default_system: str | None = None  # inserted when a conversation has no system turn
-    # think=True/False appends "/think" or "/no_think" to the last user turn after this separator; no-think mode also
-    # pre-fills an empty think block when prefill_no_think is set (keye-tiny's layout; the official one does not).
-    think_separator: str = " "
-    prefill_no_think: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ProcessorSettings:
-        d = dict(d)
-        d.pop("tokens_per_second", None)  # written by keye <= 0.1; now read from the model's config.json
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown processor settings: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def official(cls, preprocessor: dict) -> ProcessorSettings:
-        """Keye-VL-1.5's own pipeline (keye-vl-utils 1.5.2 + the released processor), from the checkpoint's
-        ``preprocessor_config.json``: default system prompt, two-step image resize, bicubic frames, the model card's
-        thinking switch."""
-        required = ("min_pixels", "max_pixels", "patch_size", "merge_size", "image_mean", "image_std")
-        missing = [k for k in required if k not in preprocessor]
-        if missing:
-            raise ValueError(f"missing required key(s) {', '.join(missing)}")
-        mean, std = preprocessor["image_mean"], preprocessor["image_std"]
-        if len(set(mean)) != 1 or len(set(std)) != 1:
-            raise ValueError(f"per-channel image_mean/std {mean}/{std} are not supported")
-        return cls(
-            patch_size=preprocessor["patch_size"],
-            merge_size=preprocessor["merge_size"],
-            image_mean=mean[0],
-            image_std=std[0],
-            min_pixels=preprocessor["min_pixels"],
-            max_pixels=preprocessor["max_pixels"],
-            fetch_max_pixels=OFFICIAL_FETCH_MAX_PIXELS,
-            video_resample="bicubic",
-            video_budget_rule="reference",
-            default_system=OFFICIAL_SYSTEM,
-            think_separator="",
-            prefill_no_think=False,
-        )
 
 
 @dataclass
@@ -227,24 +160,9 @@ class KeyeProcessor:
         (``None`` values are ignored)."""
         if isinstance(video, VideoInput):
             return video
-        from keye.encoders.slowfast import SlowFastConfig, plan_video
+        from keye.encoders.slowfast import plan_video
 
-        s = {
-            **asdict(self.settings),
-            **{k: v for k, v in overrides.items() if v is not None},
-        }  # None: keep default
-        cfg = SlowFastConfig(
-            fps=s["fps"],
-            max_frames=s["max_frames"],
-            token_budget=s["token_budget"],
-            min_tokens=s["min_tokens"],
-            max_tokens=s["max_tokens"],
-            fast_ratio=s["fast_ratio"],
-            min_fast_tokens=s["min_fast_tokens"],
-            enabled=s["slowfast"],
-            resample=s["video_resample"],
-            budget_rule=s["video_budget_rule"],
-        )
+        cfg = self.settings.video_config(**overrides)
         plan, frames = plan_video(str(video), cfg)
         return VideoInput(
             frames=frames, times=[f.time for f in plan.frames], kinds=[f.kind for f in plan.frames], plan=plan
@@ -457,10 +375,7 @@ class KeyeProcessor:
         model folder: what the model was built with, whatever the caller remembers."""
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        cfg = directory / PROCESSOR_CONFIG
-        settings = (
-            ProcessorSettings.from_dict(json.loads(cfg.read_text())) if cfg.exists() else ProcessorSettings()
-        )
+        settings = read_processor_settings(directory)
         tps = 2.0
         if (directory / "config.json").exists():
             tps = KeyeConfig.from_pretrained(directory).tokens_per_second

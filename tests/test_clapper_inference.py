@@ -206,7 +206,7 @@ def test_dyntok_positions_stay_a_subset_of_the_full_layout(tiny, sample_video):
 
 def test_every_entry_point_offers_clapper(tiny, sample_video, tmp_path, capsys):
     from keye.cli import build_parser, main
-    from keye.encoders.slowfast import SlowFastConfig, plan_video
+    from keye.encoders.slowfast import plan_video
     from keye.eval.runner import COMPRESS
 
     assert "clapper" in COMPRESSIONS and tuple(COMPRESS) == COMPRESSIONS
@@ -222,7 +222,7 @@ def test_every_entry_point_offers_clapper(tiny, sample_video, tmp_path, capsys):
         == 0
     )
     report = json.loads(capsys.readouterr().out)
-    _, frames = plan_video(str(sample_video), SlowFastConfig())  # the plan `keye frames` makes
+    _, frames = plan_video(str(sample_video), processor.settings.video_config())  # that model's plan
     expected = clapper_tokens([(f.shape[0] // 28, f.shape[1] // 28) for f in frames], SMALL)
     assert report["compress"] == "clapper"
     assert report["tokens_after_compression"] == expected < report["total_tokens"]

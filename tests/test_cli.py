@@ -55,11 +55,11 @@ def test_chat_answers_about_a_generated_video(sample_video):
     "kind,flag,expect",
     [
         ("missing", "--video", "no such file"),
-        ("not_a_video", "--video", ""),
+        ("not_a_video", "--video", "cannot open as a video"),
         ("empty", "--video", "empty"),
-        ("truncated", "--video", ""),
+        ("truncated", "--video", "cannot open as a video"),
         ("audio_only", "--video", "no video stream"),
-        ("bad_image", "--image", ""),
+        ("bad_image", "--image", "corrupt or truncated image"),
     ],
 )
 def test_bad_input_exits_2_naming_the_file(bad_inputs, media_dir, kind, flag, expect):
@@ -113,7 +113,11 @@ def test_frames_json_contract(sample_video, tmp_path):
         "budget",
         "compress",
         "tokens_after_compression",
+        "settings",
     }
+    # without --model: Keye-VL-1.5's official settings, as keye-vl-utils applies them
+    assert report["settings"]["source"] == "official" and report["settings"]["budget_rule"] == "reference"
+    assert report["settings"]["token_budget"] == report["budget"] == 65536
     assert report["frames"][0]["kind"] == "slow" and set(report["frames"][0]) == {
         "index",
         "time",
@@ -125,9 +129,74 @@ def test_frames_json_contract(sample_video, tmp_path):
     assert (tmp_path / "strip.png").stat().st_size > 1000
 
 
-def test_frames_bad_input_exits_2(bad_inputs):
-    r = run_keye("frames", str(bad_inputs["audio_only"]))
-    assert r.returncode == 2 and "audio_only.m4a" in r.stderr
+def test_frames_model_shows_that_models_processor_plan(keye_tiny, sample_video):
+    """`keye frames --model keye-tiny` is exactly the plan keye-tiny's processor makes for the same video."""
+    _, processor = keye_tiny
+    r = run_keye("frames", str(sample_video), "--model", "keye-tiny", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    settings = report.pop("settings")
+    assert report == processor.load_video(str(sample_video)).plan.to_dict()
+    assert (
+        settings["source"] == "keye-tiny"
+        and settings["max_frames"] == 16
+        and settings["token_budget"] == 1024
+    )
+    official = json.loads(run_keye("frames", str(sample_video), "--json").stdout)
+    assert official["budget"] == 65536 != report["budget"]  # the default is not keye-tiny's plan
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dyntok", "clapper"])
+def test_frames_compress_a_video_longer_than_the_context(keye_tiny, long_video, method):
+    """More vision tokens than keye-tiny's 8,192-token context: no prompt is built, so the report still works."""
+    r = run_keye("frames", str(long_video), "--json", "--compress", method)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["total_tokens"] > keye_tiny[1].settings.max_length
+    assert report["compress"] == method and 0 < report["tokens_after_compression"] < report["total_tokens"]
+
+
+@pytest.fixture(scope="module")
+def long_video(media_dir):
+    """30 s of 448x448 panning texture: with the official settings, ~60 frames of up to 256 tokens."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "slowfast_videos", ROOT / "bench/baselines/slowfast_videos.py"
+    )
+    videos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(videos)
+    scenes = [
+        {"type": "pan", "duration": 15.0, "speed": 40.0},
+        {"type": "blocks", "duration": 15.0, "square": 96},
+    ]
+    return videos.write(
+        {"height": 448, "width": 448, "fps": 10, "seed": 1, "scenes": scenes}, media_dir / "long.mp4"
+    )
+
+
+@pytest.mark.parametrize(
+    "kind,expect",
+    [
+        ("missing", "no such file"),
+        ("not_a_video", "cannot open as a video"),
+        ("empty", "empty file"),
+        ("truncated", "cannot open as a video"),
+        ("audio_only", "no video stream"),
+        ("directory", "is a directory"),
+    ],
+)
+@pytest.mark.parametrize("compress", ["none", "dyntok"])
+def test_frames_bad_input_is_one_line_naming_the_file(bad_inputs, media_dir, kind, expect, compress):
+    path = {"missing": media_dir / "does_not_exist.mp4", "directory": media_dir}.get(kind) or bad_inputs[kind]
+    r = run_keye("frames", str(path), "--compress", compress)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    line = r.stderr.strip()
+    assert line.startswith(f"keye: error: {path}: ") and expect in line
+    assert "\n" not in line and len(line) < len(str(path)) + 120, line
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def test_failed_videos_are_recorded_and_the_run_goes_on(videomme_dir, tmp_path):
         reasons["data/missing0001.mp4"].startswith("VideoDecodeError: ")
         and "no such file" in reasons["data/missing0001.mp4"]
     )
-    assert "cannot decode" in reasons["data/corrupt0001.mp4"]
+    assert "cannot open as a video" in reasons["data/corrupt0001.mp4"]
     records = lines(tmp_path / "out" / "samples.jsonl")
     failed = [r for r in records if r["error"]]
     assert [r["question_id"] for r in failed] == ["003-1", "003-2", "003-3", "004-1", "004-2", "004-3"]

@@ -37,6 +37,33 @@ def test_light_imports_load_no_model_stack(code):
     assert loaded_after(code) == {m: False for m in HEAVY}
 
 
+def _cli(*argv: str) -> str:
+    """Code that runs ``keye ARGV...`` in-process (exit status ignored: the imports are what is checked)."""
+    return f"import sys; sys.argv = ['keye', *{list(argv)!r}]\nfrom keye.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass"
+
+
+def test_decoding_planning_and_tools_load_no_model_stack(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from keye.encoders.video import write_video
+
+    clip = write_video(
+        tmp_path / "clip.mp4", [np.full((56, 84, 3), 10 * i, np.uint8) for i in range(20)], fps=10
+    )
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "red.png")
+    (tmp_path / "snippet.py").write_text("print(image_path)\n")
+    for code in (
+        "import keye.encoders.video, keye.encoders.slowfast, keye.encoders.image, keye.settings, keye.errors",
+        f"from keye.encoders.slowfast import plan_video\nplan_video({str(clip)!r})",
+        _cli("frames", str(clip), "--json"),
+        _cli("frames", str(clip), "--model", "keye-tiny", "--plot", str(tmp_path / "strip.png")),
+        _cli("tools", "run", "--code", str(tmp_path / "snippet.py"), "--image", str(tmp_path / "red.png")),
+    ):
+        assert loaded_after(code) == {m: False for m in HEAVY}, code
+    assert (tmp_path / "strip.png").stat().st_size > 0  # the commands above really ran
+
+
 def test_the_public_names_load_the_model_stack_and_register_auto_classes():
     loaded = loaded_after(
         "import keye\nfrom transformers import AutoConfig\n"

@@ -81,8 +81,7 @@ def test_labels_match_reference_fixture(fixture, vdir):
     ours = [int(f.kind == "slow") for f in plan.frames]
     assert [f.index for f in plan.frames] == fx["indices"]  # same frames sampled
     assert [f.time for f in plan.frames] == pytest.approx(fx["times"], abs=1e-4)
-    same = sum(a == b for a, b in zip(ours, fx["labels"])) / len(ours)
-    assert same >= 0.95, f"{fx['name']}: {same:.1%} identical labels\nours {ours}\nref  {fx['labels']}"
+    assert ours == fx["labels"], f"{fx['name']}: labels differ\nours {ours}\nref  {fx['labels']}"
     slow = next(f for f in plan.frames if f.kind == "slow")
     assert [slow.height, slow.width] == fx["slow_hw"]
     fast = [f for f in plan.frames if f.kind == "fast"]
@@ -245,10 +244,9 @@ def test_frames_dropped_evenly_when_budget_is_small(vdir):
 
 def test_frames_kept_at_a_bound_then_sized(vdir):
     """A budget that binds: frames are kept at the largest size still possible, then downscaled to the final size."""
-    import torch
-    import torch.nn.functional as F
+    from PIL import Image
 
-    from keye.encoders.video import iter_frames
+    from keye.encoders.video import decode
 
     spec = {
         "height": 230,
@@ -268,20 +266,9 @@ def test_frames_kept_at_a_bound_then_sized(vdir):
     assert plan.total_tokens <= 1500 and plan.slow_tokens_per_frame < 96
     assert sum(f.kind == "slow" for f in plan.frames) > 3
     assert [fr.shape[:2] for fr in frames] == [(f.height, f.width) for f in plan.frames]
-    native = np.concatenate(
-        [c.frames for c in iter_frames(path, indices=[f.index for f in plan.frames], backend="pyav")]
-    )
+    native = list(decode(path, [f.index for f in plan.frames]))
     for f, ours, nat in zip(plan.frames, frames, native):
-        direct = (
-            F.interpolate(
-                torch.from_numpy(nat).permute(2, 0, 1)[None],
-                size=(f.height, f.width),
-                mode="bilinear",
-                antialias=True,
-            )[0]
-            .permute(1, 2, 0)
-            .numpy()
-        )
+        direct = np.asarray(Image.fromarray(nat).resize((f.width, f.height), Image.BILINEAR))
         assert np.abs(ours.astype(int) - direct).mean() < 4  # two antialiased downscales vs one
 
 
@@ -308,7 +295,7 @@ def test_missing_and_non_video_files(tmp_path):
         plan_video(tmp_path / "nope.mp4")
     bad = tmp_path / "notes.mp4"
     bad.write_text("not a video")
-    with pytest.raises(VideoDecodeError, match="notes.mp4: cannot decode"):
+    with pytest.raises(VideoDecodeError, match="notes.mp4: cannot open as a video: not a video file"):
         plan_video(bad)
 
 
@@ -317,7 +304,7 @@ def test_truncated_file(vdir, tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) // 2])  # the index (moov) is at the end: nothing is readable
-    with pytest.raises(VideoDecodeError, match="cut.mp4: cannot decode"):
+    with pytest.raises(VideoDecodeError, match="cut.mp4: cannot open as a video"):
         plan_video(cut)
 
 
@@ -542,19 +529,6 @@ def test_plan_dict_format():
     json.dumps(d)
     assert isinstance(plan, VideoPlan) and isinstance(plan.frames[0], FramePlan)
     assert math.isclose(d["sample_fps"], 2.0)
-
-
-def test_torch_threads_restored(vdir, tmp_path):
-    import torch
-
-    threads = torch.get_num_threads()
-    plan_video(_video(vdir, "cuts_small", CUTS_SMALL))
-    assert torch.get_num_threads() == threads
-    bad = tmp_path / "bad.mp4"
-    bad.write_bytes(b"\x00" * 1000)
-    with pytest.raises(VideoDecodeError):
-        plan_video(bad)
-    assert torch.get_num_threads() == threads
 
 
 def test_reference_frames_point_fast_frames_at_their_slow_frame():

@@ -3,7 +3,7 @@
 Each fixture holds a video spec (``slowfast_videos.py``), so the test regenerates the same video, and what
 keye-vl-utils 1.5.2 made of it: sampled frame indices and times, slow/fast labels, slow and fast frame sizes.
 ``video_sha256`` is informative only: x264 does not always give byte-identical files, so the test compares labels
-(>= 95% identical; 100% when this was written), never bytes.
+(all identical), never bytes.
 Run from the repository root with the main venv; the reference runs in ``.venv-baselines``:
 
     .venv/bin/python bench/baselines/make_slowfast_fixtures.py

@@ -7,8 +7,9 @@ Runs in ``.venv-baselines`` (keye-vl-utils needs torchvision, which keye avoids)
 
 ``--mode keye``: ``process_vision_info`` on each video; prints its slow/fast labels, the sampled frame indices
 (recomputed exactly as the reference picks them), timestamps, frame sizes, wall time and this process's peak RSS.
-``--mode decord``: raw decord, ``VideoReader(path).get_batch(indices)`` of the same frames at native size (the decode
-the reference does), for the decode-overhead ratio.
+``--mode decord``: raw decord, ``VideoReader(path, num_threads=--threads).get_batch(indices)`` of the same frames at
+native size (the decode the reference does, single-threaded with ``--threads 1``): the decoding floor that
+``bench/bench_encoders.py`` compares ``keye frames`` with.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def run_keye(path: str) -> dict:
     }
 
 
-def run_decord(path: str) -> dict:
+def run_decord(path: str, threads: int = 0) -> dict:
     import decord
 
     indices = _indices(path)
     t = time.perf_counter()
-    vr = decord.VideoReader(path)
+    vr = decord.VideoReader(path, num_threads=threads)
     n = 0
     for s in range(0, len(indices), 32):  # chunked, so memory is not what is measured here
         n += len(vr.get_batch(indices[s : s + 32]).asnumpy())
@@ -62,6 +63,7 @@ def run_decord(path: str) -> dict:
         "video": path,
         "seconds": time.perf_counter() - t,
         "frames": n,
+        "indices": indices,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -70,9 +72,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("videos", nargs="+")
     p.add_argument("--mode", choices=("keye", "decord"), default="keye")
+    p.add_argument("--threads", type=int, default=0, help="decord's decoding threads (0: its default)")
     args = p.parse_args()
     for v in args.videos:
-        print(json.dumps(run_keye(v) if args.mode == "keye" else run_decord(v)), flush=True)
+        print(json.dumps(run_keye(v) if args.mode == "keye" else run_decord(v, args.threads)), flush=True)
 
 
 if __name__ == "__main__":
