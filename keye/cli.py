@@ -116,7 +116,10 @@ def _frames(args) -> int:
 
     overrides = {"fps": args.fps, "max_frames": args.max_frames, "token_budget": args.token_budget}
     if args.model is None:  # Keye-VL-1.5's own settings, as keye-vl-utils applies them
-        cfg, source = SlowFastConfig.official(**{k: v for k, v in overrides.items() if v is not None}), "official"
+        cfg, source = (
+            SlowFastConfig.official(**{k: v for k, v in overrides.items() if v is not None}),
+            "official",
+        )
     else:
         from keye.settings import read_processor_settings
 
@@ -330,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
-        logging.getLogger("libav").setLevel(logging.CRITICAL)  # FFmpeg's decoder chatter (keye.encoders.video)
+        logging.getLogger("libav").setLevel(
+            logging.CRITICAL
+        )  # FFmpeg's decoder chatter (keye.encoders.video)
     try:
         return args.func(args) or 0
     except Exception as e:
