@@ -48,7 +48,8 @@ keye-tiny: setup
 bench-baselines:
 	test -x .venv-baselines/bin/python || $(PYTHON) -m venv .venv-baselines
 	.venv-baselines/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	.venv-baselines/bin/pip install -q keye-vl-utils==1.5.2 qwen-vl-utils decord av opencv-python-headless einops psutil
+	.venv-baselines/bin/pip install -q keye-vl-utils==1.5.2 qwen-vl-utils decord av opencv-python-headless einops psutil \
+		transformers==5.23.0 safetensors tokenizers
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -74,20 +74,24 @@ def video_for(spec: dict, name: str) -> Path:
 KEYE = [sys.executable, "-m", "keye.cli"]
 
 
-def measured(cmd: list[str]) -> dict:
-    """Run ``cmd``: its wall seconds, its own peak RSS (MB, the kernel's rusage of that child) and its stdout."""
-    import tempfile
+# Started in a small fresh interpreter: a child forked from this process (torch loaded) would count this process's
+# pages in its own peak RSS until it execs. The launcher spawns the command and reports its rusage.
+_LAUNCHER = (
+    "import json, os, sys, time; t = time.perf_counter(); "
+    "pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ); _, status, usage = os.wait4(pid, 0); "
+    "print(json.dumps([time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status)]), file=sys.stderr)"
+)
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{err.read()[-2000:]}")
-        return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out.read()}
+
+def measured(cmd: list[str]) -> dict:
+    """Run ``cmd``: its wall seconds, its own peak RSS (MB, the kernel's rusage of that process) and its stdout."""
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True, text=True, cwd=ROOT
+    )
+    seconds, maxrss_kb, code = json.loads(out.stderr.strip().splitlines()[-1])
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({code}):\n{out.stderr[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mb": maxrss_kb / 1024, "stdout": out.stdout}
 
 
 def _last_json(text: str) -> dict:

@@ -43,7 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from keye.encoders import video as video_io
 from keye.encoders.errors import ConfigError
+from keye.encoders.video import resize
 
 __all__ = [
     "SlowFastConfig",
@@ -355,11 +357,11 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
 
 
 def _patch_features(small: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
-    """HSV patch vectors, their squared norms and all-black flags of a batch of small RGB frames.
+    """HSV patch vectors and their squared norms (0: a black patch) of a batch of small RGB frames.
 
     small: (B, h, w, 3) uint8 RGB, h and w multiples of ``patch``.
-    Returns (B, P, 3*patch*patch) float64 vectors in the reference's layout (c, p1, p2) and (B, P) float64 squared
-    norms. Every value is an integer below 2**53, so dot products and norms are exact whatever the summation order;
+    Returns (B, P, 3*patch*patch) int32 vectors in the reference's layout (c, p1, p2) and (B, P) int32 squared norms:
+    exact integers (at most 255**2 * 2352 < 2**31), so the cosines computed from them are exact to float64 rounding;
     the reference's float32 cosines differ from these by about 1e-7.
     """
     b, h, w, _ = small.shape
@@ -368,7 +370,7 @@ def _patch_features(small: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarr
         hsv[i, 0], hsv[i, 1], hsv[i, 2] = _hsv_planes(small[i, ..., 0], small[i, ..., 1], small[i, ..., 2])
     gh, gw = h // patch, w // patch
     vec = hsv.reshape(b, 3, gh, patch, gw, patch).transpose(0, 2, 4, 1, 3, 5)
-    vec = vec.reshape(b, gh * gw, 3 * patch * patch).astype(np.float64)  # (B, P, D)
+    vec = vec.reshape(b, gh * gw, 3 * patch * patch).astype(np.int32)  # (B, P, D)
     return vec, np.einsum("bpd,bpd->bp", vec, vec)
 
 
@@ -393,9 +395,8 @@ class _Labeler:
         while i < len(labels):
             dot = np.einsum("pd,bpd->bp", self.ref, vec[i:])  # (B - i, P)
             with np.errstate(invalid="ignore", divide="ignore"):
-                cos = dot / np.sqrt(
-                    self.ref_sq * sq[i:]
-                )  # a black patch: 0/0, not similar (as the reference)
+                # a black patch: 0/0, not similar (as the reference)
+                cos = dot / np.sqrt(self.ref_sq.astype(np.float64) * sq[i:])
             same = cos > self.cfg.similarity_threshold
             valid = (self.ref_sq > 0) | (sq[i:] > 0)  # a patch black in both frames says nothing
             n_valid = valid.sum(axis=1)
@@ -532,22 +533,6 @@ def plan_from_labels(
 # Planning a video file (decoding is `keye.encoders.video`'s)
 
 
-def _resize(frame: np.ndarray, hw: tuple[int, int], bicubic: bool = False) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 with PIL's antialiased bilinear (or bicubic) filter.
-
-    The reference downscales for the features with torch's antialiased bilinear on uint8; PIL's filter is the same
-    (torch's uint8 kernel is a port of Pillow-SIMD's) with differently rounded integer weights: about 0.1% of the
-    pixels differ by one grey level, which left every label identical on the committed keye-vl-utils fixtures and on
-    the benchmark clips (``make bench`` prints the share).
-    """
-    if frame.shape[:2] == tuple(hw):
-        return frame
-    from PIL import Image
-
-    resample = Image.BICUBIC if bicubic else Image.BILINEAR
-    return np.asarray(Image.fromarray(frame).resize((hw[1], hw[0]), resample))
-
-
 def plan_video(
     path: str | Path,
     config: SlowFastConfig | None = None,
@@ -566,8 +551,6 @@ def plan_video(
 
     backend: "auto", "pyav" or "decord" (see `keye.encoders.video`); the pixels are identical.
     """
-    from keye.encoders import video as video_io
-
     cfg = config or SlowFastConfig()
     path = str(path)
     index = video_io.index(path, backend)
@@ -578,7 +561,9 @@ def plan_video(
     n = len(positions)
     if n < int(duration * sample_fps + 1e-9):  # capped (max_frames, budget): report the rate used
         sample_fps = n / duration
-    frames = video_io.decode(path, positions, backend=backend, video_index=index)
+    # the plan alone needs only the features' small frames, which the decoder's thread makes
+    small = None if keep_frames or not cfg.enabled else feature_size(index.height, index.width, cfg)
+    frames = video_io.decode(path, positions, small, backend=backend, video_index=index)
     labels, kept = _label_stream(frames, n, index.height, index.width, cfg, keep_frames)
     plan = plan_from_labels(
         labels,
@@ -592,10 +577,7 @@ def plan_video(
         native_fps=native_fps,
         sample_fps=sample_fps,
     )
-    out = [
-        _resize(img, (fp.height, fp.width), bicubic=cfg.resample == "bicubic")
-        for fp, img in zip(plan.frames, kept)
-    ]
+    out = [resize(img, (fp.height, fp.width), cfg.resample) for fp, img in zip(plan.frames, kept)]
     return plan, out
 
 
@@ -620,7 +602,7 @@ def _label_stream(
     def flush() -> None:
         nonlocal n_slow, bound, done
         if cfg.enabled:
-            small = np.stack([_resize(f, small_hw) for f in batch])  # (B, h, w, 3)
+            small = np.stack([resize(f, small_hw) for f in batch])  # (B, h, w, 3); as is when decoded small
             labels[done : done + len(batch)] = labeler.update(small)
         for frame in batch:
             slow = bool(labels[done])
@@ -630,7 +612,7 @@ def _label_stream(
                 if n_slow > 1:
                     bound = _split_sizes(n_slow, n - n_slow, height, width, cfg)
             if keep_frames:
-                kept.append(frame if keep_native else _resize(frame, bound[0] if slow else bound[1]))
+                kept.append(frame if keep_native else resize(frame, bound[0] if slow else bound[1]))
         batch.clear()
 
     for frame in frames:

@@ -9,15 +9,17 @@ seconds from the start of the stream). Nothing assumes ``position / fps``: varia
 Two backends behind this one interface, giving the same frames (tests/test_video.py checks it on constant and variable
 frame rate clips):
 
-- ``pyav`` (the default, ``auto``): packets are demuxed once for the index; decoding uses the codec's own threads, and
-  packets of frames nobody asked for are decoded with ``skip_frame=NONREF``, so a frame that no other frame
-  references (most B-frames of an h264 stream) is not decoded at all. At 2 fps out of 30 this decodes about a third
-  of the frames that decord's ``get_batch`` decodes (``make bench`` prints both).
+- ``pyav`` (the default, ``auto``): demuxing once gives the index (and the keyframes). Decoding jumps to the keyframe
+  before the next frame asked for whenever that keyframe lies ahead (sparse sampling of a long video decodes a GOP per
+  frame, not the whole file); otherwise it decodes on, and packets of frames nobody asked for are decoded with
+  ``skip_frame=NONREF``, so a frame that no other frame references (most B-frames of an h264 stream) is not decoded
+  at all. Frames asked for, and what they reference, decode in full: pixels are exact. The codec runs slice threads:
+  with frames skipped, about twice as fast as frame threads (or ``AUTO``) on h264 here.
 - ``decord``: ``VideoReader.get_batch``, when asked for (``backend="decord"``); decord is optional.
 
-``auto`` is PyAV: it was the faster of the two for every sampling rate measured (bench/bench_encoders.py), so a
-missing decord costs nothing. Frames are decoded in a background thread while the caller works on the previous ones,
-with a bounded queue (about 64 MB of native frames whatever the resolution).
+``auto`` is PyAV: it was faster than decord at every sampling rate measured (``make bench`` prints both), so a missing
+decord costs nothing. Frames are decoded in a background thread while the caller works on the previous ones, with a
+bounded queue (about 32 MB of native frames whatever the resolution).
 
 This module imports only numpy (PyAV, decord and PIL when used): no torch. Errors are `VideoDecodeError`, one line
 naming the file. Display rotation metadata (phone videos) is not applied.
@@ -32,7 +34,7 @@ import queue
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from keye.encoders.errors import VideoDecodeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "VideoIndex", "index", "decode", "write_video"]
+__all__ = ["BACKENDS", "VideoIndex", "index", "decode", "resize", "write_video"]
 
 BACKENDS = ("auto", "pyav", "decord")
 # Native RGB frames in flight between the decoder thread and the caller: at most about this many bytes.
@@ -64,6 +66,8 @@ class VideoIndex:
     width: int
     duration: float  # seconds: first frame to the end of the last
     pts_exact: bool  # packets carried timestamps (else: frames in order at the average rate)
+    # (K,) presentation timestamps of the keyframes (PyAV's index; empty: decode without seeking)
+    keyframes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.pts)
@@ -158,7 +162,7 @@ def _index_pyav(path: str) -> VideoIndex:
     with container:
         stream = _video_stream(container, path)
         tb = stream.time_base or Fraction(1, 1000)
-        pts, durations, missing = [], [], 0
+        pts, durations, keys, missing = [], [], [], 0
         try:
             for packet in container.demux(stream):
                 if packet.size == 0 or packet.is_discard:  # flush packets; frames an edit list hides
@@ -168,6 +172,8 @@ def _index_pyav(path: str) -> VideoIndex:
                     continue
                 pts.append(packet.pts)
                 durations.append(packet.duration or 0)
+                if packet.is_keyframe:
+                    keys.append(packet.pts)
         except av.error.FFmpegError as err:  # a truncated file: index the part that can be read
             logger.warning(
                 "%s: read error after %d frames (%s); using the readable part", path, len(pts), _short(err)
@@ -196,6 +202,7 @@ def _index_pyav(path: str) -> VideoIndex:
         last = int(1 / (Fraction(rate) * tb)) if rate else 1
     start = int(order[0]) if start is None else min(int(start), int(order[0]))
     duration = float((int(order[-1] - order[0]) + last) * tb)
+    keyframes = np.unique(np.asarray(keys, dtype=np.int64))
     if declared > duration * 1.05 + 1.0:
         logger.warning(
             "%s: the header says %.1f s but frames cover %.1f s (truncated?); using the readable part",
@@ -203,7 +210,7 @@ def _index_pyav(path: str) -> VideoIndex:
             declared,
             duration,
         )
-    return VideoIndex(path, order, tb, start, height, width, duration, True)
+    return VideoIndex(path, order, tb, start, height, width, duration, True, keyframes)
 
 
 def _decord_reader(path: str):
@@ -258,22 +265,36 @@ def decode(
     idx = video_index if video_index is not None else index(path, backend)
     if len(positions) and positions[-1] >= len(idx):
         raise VideoDecodeError(path, f"frame {int(positions[-1])} asked for, the video has {len(idx)}")
-    frames = _decode_decord(path, positions) if backend == "decord" else _decode_pyav(path, idx, positions)
-    per_frame = 3 * idx.height * idx.width
-    it = _threaded(frames, maxsize=max(1, min(16, _QUEUE_BYTES // per_frame)))
-    if size is not None and tuple(size) != (idx.height, idx.width):
-        return _resized(it, size)
-    return it
+    if size is not None:
+        size = (int(size[0]), int(size[1]))
+        if size[0] < 1 or size[1] < 1:
+            raise ValueError(f"decode: size must be positive (height, width), got {size}")
+        if size == (idx.height, idx.width):
+            size = None
+    # The decoding thread hands over native frames; resizing runs here, in the caller's thread, beside the decoding
+    # (the decoding thread is the bottleneck: resizing there, or even making PIL images there, was slower).
+    if backend == "decord":
+        frames = _decode_decord(path, positions)
+    else:
+        frames = _decode_pyav(path, idx, positions)
+    frames = _threaded(frames, maxsize=max(1, min(16, _QUEUE_BYTES // (3 * idx.height * idx.width))))
+    return frames if size is None else (resize(f, size) for f in frames)
 
 
-def _resized(frames: Iterator[np.ndarray], size: tuple[int, int]) -> Iterator[np.ndarray]:
+def resize(frame, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+    """A frame (array or PIL image) -> (h, w, 3) uint8 array of ``size`` = (h, w), with PIL's antialiased
+    ``bilinear`` or ``bicubic`` filter: the one resize of decoded frames (`decode`, `keye.encoders.slowfast`).
+
+    The reference's downscale for Slow-Fast features is torch's antialiased bilinear on uint8, a port of Pillow-SIMD's
+    with differently rounded integer weights: about 0.1% of the pixels differ by one grey level."""
     from PIL import Image
 
-    h, w = (int(s) for s in size)
-    if h < 1 or w < 1:
-        raise ValueError(f"decode: size must be positive (height, width), got {size}")
-    for frame in frames:
-        yield np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR))
+    if isinstance(frame, np.ndarray):
+        if frame.shape[:2] == tuple(size):
+            return frame
+        frame = Image.fromarray(frame)
+    filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+    return np.asarray(frame.resize((size[1], size[0]), filters[resample]))
 
 
 def _decode_pyav(path: str, idx: VideoIndex, positions: np.ndarray) -> Iterator[np.ndarray]:
@@ -283,6 +304,8 @@ def _decode_pyav(path: str, idx: VideoIndex, positions: np.ndarray) -> Iterator[
         return
     wanted = set(positions.tolist())
     wanted_pts = set(idx.pts[positions].tolist()) if idx.pts_exact else None
+    targets = idx.pts[positions]  # frames come out in presentation order: targets[got] is the next one due
+    keys = idx.keyframes if idx.pts_exact else np.zeros(0, dtype=np.int64)
     got, order, corrupt = 0, 0, 0
     try:
         container = av.open(path)
@@ -290,30 +313,63 @@ def _decode_pyav(path: str, idx: VideoIndex, positions: np.ndarray) -> Iterator[
         raise VideoDecodeError(path, _cannot_open(err)) from err
     with container:
         stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"  # frame and slice threads, as the codec allows
+        # Slice threads: with frames skipped, twice as fast as FRAME or AUTO threading on h264 (module docstring)
+        stream.thread_type = "SLICE"
         ctx = stream.codec_context
+        last_key = None  # presentation time of the last keyframe fed to the decoder
+        sought = None  # the last jump: never jump there or back again (a container whose seek lands early)
+
+        def seek_to() -> int | None:
+            """Presentation time of the keyframe to jump to for the next frame due, when that keyframe lies ahead of
+            the decoder (everything before it would be decoded for nothing); None: decode on. (Seeking by the
+            keyframe's decoding time lands a keyframe early in mp4: FFmpeg seeks mp4 by presentation time.)"""
+            if len(keys) == 0 or got == len(targets):
+                return None
+            j = int(np.searchsorted(keys, targets[got], side="right")) - 1
+            if (
+                j < 0
+                or (last_key is not None and keys[j] <= last_key)
+                or (sought is not None and keys[j] <= sought)
+            ):
+                return None
+            return int(keys[j])
+
         try:
-            for packet in container.demux(stream):
-                if wanted_pts is not None:
-                    # A packet nobody asked for: decode it only if other frames reference it. Wanted frames, and the
-                    # frames they reference, decode in full, so their pixels are exact.
-                    ctx.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
-                try:
-                    decoded = ctx.decode(packet)
-                except av.error.InvalidDataError:  # a corrupt packet: only fatal if it held a frame asked for
-                    corrupt += 1
-                    continue
-                for frame in decoded:
-                    pos = order  # without timestamps: the count of frames decoded so far
-                    if wanted_pts is not None and frame.pts is not None:
-                        pos = _nearest(idx.pts, frame.pts)
-                    order += 1
-                    if pos in wanted:
-                        wanted.discard(pos)
-                        yield frame.to_ndarray(format="rgb24")
-                        got += 1
-                        if not wanted:
-                            return
+            while True:
+                jump = seek_to()
+                if jump is not None:  # lands on the keyframe at or before it; the decoder starts afresh there
+                    container.seek(jump, backward=True, any_frame=False, stream=stream)
+                    ctx.flush_buffers()
+                    sought = jump
+                for packet in container.demux(stream):
+                    if packet.is_keyframe and packet.pts is not None:
+                        last_key = packet.pts if last_key is None else max(last_key, packet.pts)
+                    if wanted_pts is not None:
+                        # A packet nobody asked for: decode it only if other frames reference it. Wanted frames, and
+                        # the frames they reference, decode in full, so their pixels are exact.
+                        ctx.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
+                    try:
+                        decoded = ctx.decode(packet)
+                    except (
+                        av.error.InvalidDataError
+                    ):  # a corrupt packet: only fatal if it held a frame asked for
+                        corrupt += 1
+                        continue
+                    for frame in decoded:
+                        pos = order  # without timestamps: the count of frames decoded so far
+                        if wanted_pts is not None and frame.pts is not None:
+                            pos = _nearest(idx.pts, frame.pts)
+                        order += 1
+                        if pos in wanted:
+                            wanted.discard(pos)
+                            yield frame.to_ndarray(format="rgb24")
+                            got += 1
+                            if not wanted:
+                                return
+                    if seek_to() is not None:
+                        break  # the next frame due is past a keyframe not yet reached: jump there
+                else:
+                    break  # the end of the stream
         except av.error.FFmpegError as err:
             raise VideoDecodeError(path, f"decoding failed ({_short(err)})") from err
     why = f", {corrupt} corrupt packets" if corrupt else ""
@@ -388,12 +444,14 @@ def write_video(
     codec: str = "libx264",
     crf: int = 23,
     preset: str = "veryfast",
+    gop: int | None = None,
     audio: bool = False,
 ) -> Path:
     """Encode RGB uint8 frames ``(H, W, 3)`` to ``path`` with PyAV, streaming (frames may be a generator).
 
     ``pts`` (seconds, one per frame, increasing) writes a variable-frame-rate file whose times are exact to the
-    millisecond; otherwise frames are ``1/fps`` apart. Odd widths/heights are cropped to even (yuv420p). ``audio``
+    millisecond; otherwise frames are ``1/fps`` apart. Odd widths/heights are cropped to even (yuv420p). ``gop``: at
+    most this many frames from one keyframe to the next (the encoder's default otherwise). ``audio``
     adds a stereo AAC track of quiet noise as long as the video (as real footage has one).
     """
     av = _import_av()
@@ -418,6 +476,8 @@ def write_video(
                 stream.codec_context.time_base = time_base
                 if codec == "libx264":
                     stream.options = {"crf": str(crf), "preset": preset}
+                if gop is not None:
+                    stream.codec_context.gop_size = gop
                 if audio:
                     sound = container.add_stream("aac", rate=44100, layout="stereo")
             vf = av.VideoFrame.from_ndarray(frame[: stream.height, : stream.width], format="rgb24")

@@ -333,11 +333,13 @@ def main(argv: list[str] | None = None) -> int:
 
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
-        logging.getLogger("libav").setLevel(
-            logging.CRITICAL
-        )  # FFmpeg's decoder chatter (keye.encoders.video)
+        # FFmpeg's decoder chatter, which keye.encoders.video routes to these loggers
+        logging.getLogger("libav").setLevel(logging.CRITICAL)
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # `keye frames video.mp4 | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         from keye.errors import KeyeInputError
 
@@ -352,9 +354,6 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `keye frames video.mp4 | head`: the reader left; not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":

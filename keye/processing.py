@@ -94,6 +94,15 @@ def patchify(image: np.ndarray, patch: int = 14, mean: float = 0.5, std: float =
     return x.reshape(-1, 3 * patch * patch)
 
 
+def _source_name(media) -> str | None:
+    """The file a prompt's image or video came from (a path, or a loaded video's plan), for error messages; None
+    for in-memory media (never an object's repr)."""
+    if isinstance(media, (str, Path)):
+        return str(media)
+    plan = getattr(media, "plan", None)
+    return getattr(plan, "video", None) or None
+
+
 @dataclass
 class VideoInput:
     """A decoded, planned video: frames at their planned sizes plus the Slow-Fast plan (kept for display)."""
@@ -318,7 +327,7 @@ class KeyeProcessor:
                     loaded.append(video)
             ex = self._expand(pieces, images, videos, train_roles={"assistant"})
             if len(ex.ids) > self.settings.max_length:
-                sources = [str(p[1]) for _, p in pieces if isinstance(p, tuple) and not hasattr(p[1], "size")]
+                sources = [s for _, p in pieces if isinstance(p, tuple) and (s := _source_name(p[1]))]
                 raise ContextLengthError(
                     ", ".join(sources) or "prompt",
                     f"prompt needs {len(ex.ids)} tokens, more than the context of {self.settings.max_length}; "

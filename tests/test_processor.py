@@ -120,6 +120,11 @@ def test_over_long_prompt_is_a_clear_error(keye_tiny, sample_video):
     ]
     with pytest.raises(ContextLengthError, match="sample.mp4.*more than the context of 8192"):
         processor(msgs)
+    # an already loaded video is named by its file, never by its repr (megabytes of pixel arrays)
+    msgs[0]["content"][0]["video"] = processor.load_video(str(sample_video))
+    with pytest.raises(ContextLengthError) as err:
+        processor(msgs)
+    assert str(err.value).startswith(f"{sample_video}: prompt needs") and len(str(err.value)) < 300
 
 
 def test_short_clip_gives_a_frame(keye_tiny, media_dir):

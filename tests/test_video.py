@@ -142,6 +142,20 @@ def test_skipping_unreferenced_frames_keeps_pixels_exact(videos):
         np.testing.assert_array_equal(frame, every[p])
 
 
+def test_seeking_to_keyframes_keeps_pixels_exact(tmp_path):
+    """Sparse frames of a clip with a keyframe every 24 frames: the decoder jumps to the keyframe before each (instead
+    of decoding everything up to it); the frames equal those of a full decode."""
+    path = write_video(tmp_path / "gop.mp4", (coded_frame(i) for i in range(240)), fps=24, gop=24)
+    idx = index(path)
+    assert len(idx.keyframes) >= 10
+    every = list(decode(path, range(240)))
+    sparse = [3, 30, 31, 95, 180, 239]
+    got = list(decode(path, sparse))
+    for p, frame in zip(sparse, got):
+        np.testing.assert_array_equal(frame, every[p])
+    np.testing.assert_array_equal(read_codes(got), sparse)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_size(videos, backend):
     frames = list(decode(videos["cfr"], [3, 40], size=(30, 46), backend=backend))

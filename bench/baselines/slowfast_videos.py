@@ -93,7 +93,8 @@ def _natural_frame(
     cx = margin + np.clip(dx * speed * t, -margin + 1, margin - 1)
     z = 1.0 + scene["zoom"] * u  # slow zoom over the scene
     ch, cw = h / z, w / z
-    y0, x0 = cy + (h - ch) / 2, cx + (w - cw) / 2
+    y0 = float(np.clip(cy + (h - ch) / 2, 0, img.shape[0] - ch - 1))
+    x0 = float(np.clip(cx + (w - cw) / 2, 0, img.shape[1] - cw - 1))
     frame = img[int(y0) : int(y0) + int(ch) + 1, int(x0) : int(x0) + int(cw) + 1].copy()
     for mask, tex, path, phase in scene["blobs"]:
         r = mask.shape[0] // 2
