@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +32,45 @@ def true_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
             runs.append((start, i))
             start = None
     return runs
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_system_tool(name: str, hint: str) -> str:
+    """The path of system program ``name``. One rule for every such tool a test needs (bubblewrap, Chromium): when
+    it is missing the test fails under CI (``CI=true``: `make setup` must have installed it) and is skipped elsewhere,
+    with the reason (``pytest -ra`` prints it)."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not installed: {hint}"
+        if under_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def bwrap() -> str:
+    """bubblewrap, which the Thyme sandbox isolates snippets with."""
+    return require_system_tool("bwrap", "apt-get install -y bubblewrap (make setup does)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keye_home(tmp_path_factory) -> Path:
+    """Every test's outputs stay under pytest's temporary folders: keye-tiny's cache ($KEYE_HOME, built once per
+    session), the browser test's screenshots ($KEYE_ARTIFACTS). Subprocesses inherit both."""
+    home = tmp_path_factory.mktemp("keye-home")
+    saved = {k: os.environ.get(k) for k in ("KEYE_HOME", "KEYE_ARTIFACTS")}
+    os.environ["KEYE_HOME"] = str(home)
+    os.environ["KEYE_ARTIFACTS"] = str(tmp_path_factory.mktemp("artifacts"))
+    yield home
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture

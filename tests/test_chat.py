@@ -21,6 +21,25 @@ def test_second_question_does_not_reencode_the_video(keye_tiny, sample_video, mo
     n = full["input_ids"].shape[1]
     assert session.ids[0, :n].tolist() == full["input_ids"][0].tolist()
     assert session.positions[:, 0, :n].tolist() == full["position_ids"][:, 0].tolist()
+    # ... and what the cache holds gives the logits a fresh forward of that render gives (not only the same ids)
+    import torch
+
+    from keye.processing import VISION_INPUTS
+
+    with torch.no_grad():
+        fresh = model(
+            input_ids=full["input_ids"],
+            position_ids=full["position_ids"],
+            **{k: full[k] for k in VISION_INPUTS if k in full},
+        ).logits[0, -1]
+        session.cache.crop(n - 1 - session.cache.get_seq_length())  # keep the first n - 1 tokens
+        cached = model(
+            input_ids=session.ids[:, n - 1 : n],
+            position_ids=session.positions[:, :, n - 1 : n],
+            attention_mask=torch.ones(1, n, dtype=torch.long),
+            cache=session.cache,
+        ).logits[0, -1]
+    torch.testing.assert_close(cached, fresh, atol=2e-4, rtol=1e-4)
 
 
 def test_stream_yields_the_reply(keye_tiny):

@@ -224,13 +224,19 @@ def test_dyntok_counts_and_sends_fewer_tokens(demo, sample_video):
 
 
 def test_stop_ends_the_answer_and_the_conversation_goes_on(demo):
+    prompt = "Explain in detail how a car engine works, step by step."  # keye-tiny answers it at length
+    full = DemoState()
+    drain(demo.respond(prompt, full, "on", False, "none", 60))  # greedy: the same answer every time
+    assert full.session.last_reply.num_tokens >= 30  # long enough for an early stop to show
     st = DemoState()
-    gen = demo.respond("Write a long story about a robot.", st, "auto", False, "none", 200)
+    gen = demo.respond(prompt, st, "on", False, "none", 60)
     next(gen)  # the user turn is shown
     next(gen)  # the first piece of the answer
     demo.on_stop(st)
     (history, _, st, stats), _ = drain(gen)
-    assert st.session.last_reply.num_tokens < 50 and "stopped" in stats
+    # generation ended within a token or two of the click (a Stop that did nothing would run to the full answer)
+    assert st.session.last_reply.num_tokens <= 3 and "stopped" in stats
+    assert full.session.last_reply.text.startswith(st.session.last_reply.text)
     (history, _, st, stats), _ = drain(demo.respond("Thanks.", st, "auto", False, "none", 4))
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert "stopped" not in stats  # the next turn starts with the flag cleared

@@ -2,9 +2,9 @@
 driven by Playwright with the system Chromium (Debian's ``chromium``; never a downloaded browser) and by
 ``gradio_client``.
 
-Screenshots and the measured timings go to ``$KEYE_ARTIFACTS/demo`` (default ``artifacts/demo`` in the repo root);
-their paths are printed. Without Chromium the browser test is skipped, except under CI, where it fails (install it
-with ``apt-get install -y chromium``).
+Screenshots and the measured timings go to ``$KEYE_ARTIFACTS/demo`` (a pytest temporary folder unless set); their
+paths are printed. Without Chromium the browser test is skipped, except under CI, where it fails (install it with
+``apt-get install -y chromium``; `conftest.require_system_tool`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, require_system_tool
 
 pytest.importorskip("gradio")
 
@@ -47,7 +46,7 @@ def _free_port() -> int:
 
 
 def _artifacts() -> Path:
-    out = Path(os.environ.get("KEYE_ARTIFACTS", ROOT / "artifacts")) / "demo"
+    out = Path(os.environ["KEYE_ARTIFACTS"]) / "demo"  # a pytest temporary folder unless set (conftest)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -132,10 +131,6 @@ def test_api_through_gradio_client(demo_url, clips):
     assert box is None  # the bad file is dropped
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium")  # Debian's package: /usr/bin/chromium
-
-
 # Records, in the page's own clock, when Send is clicked, when the new answer's first text appears and when the
 # speed line arrives (the stream is over): what a user sees, network and rendering included.
 TIMING_JS = """
@@ -190,7 +185,9 @@ def test_queue_runs_one_generation_at_a_time(demo_url):
 
     a = threading.Thread(target=ask, args=("a",))
     a.start()
+    deadline = time.monotonic() + 120
     while not times["a"]:  # a is being answered
+        assert time.monotonic() < deadline, "the first request got no answer within 120 s"
         time.sleep(0.02)
     b = threading.Thread(target=ask, args=("b",))
     b.start()
@@ -200,21 +197,9 @@ def test_queue_runs_one_generation_at_a_time(demo_url):
     assert times["b"][0] > times["a"][-1] - 0.2  # b waited in the queue until a had finished
 
 
-def _missing(message: str) -> None:
-    """Skip on a developer's machine; fail under CI, where the set-up must have installed it."""
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def test_browser_upload_ask_stream_and_bad_file(demo_url, clips, capsys):
-    chromium = _chromium()
-    if chromium is None:
-        _missing("system Chromium missing: apt-get install -y chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("playwright missing: pip install -e '.[dev]'")
+    chromium = require_system_tool("chromium", "apt-get install -y chromium (make setup does)")
+    from playwright.sync_api import sync_playwright  # a dev dependency: its absence is an error
 
     video, corrupt, sample = clips
     out = _artifacts()

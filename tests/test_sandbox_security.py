@@ -14,7 +14,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,10 +27,9 @@ from PIL import Image
 from keye.tools.sandbox import SandboxConfig, SandboxUnavailableError, isolation_report, run_snippet
 
 REPORT = isolation_report()
-# Skipped only where bubblewrap is not installed; an installed but failing bwrap makes these tests fail.
-pytestmark = pytest.mark.skipif(
-    shutil.which("bwrap") is None, reason=f"bubblewrap not installed: {REPORT['reason']}"
-)
+# Without bubblewrap: skipped, or failed under CI (conftest.require_system_tool); an installed but failing bwrap
+# makes these tests fail.
+pytestmark = pytest.mark.usefixtures("bwrap")
 
 # Every snippet starts by printing its uid so the guard can look for surviving processes.
 PRELUDE = "import os, sys\nprint('UID', os.getuid(), flush=True)\n"

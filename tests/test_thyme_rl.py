@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,7 @@ from keye.training.testing import make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 THYME_TINY = ROOT / "configs" / "posttrain" / "thyme-tiny.yaml"
-needs_bwrap = pytest.mark.skipif(
-    shutil.which("bwrap") is None, reason="bubblewrap not installed (the sandbox)"
-)
+needs_bwrap = pytest.mark.usefixtures("bwrap")  # skipped without it, failed under CI (conftest)
 
 CODE = "```python\nfrom PIL import Image\nim = Image.open(image_path)\nprint(im.size)\nim.crop((0, 0, 20, 10)).save('crop.png')\n```"
 CROP = f"<think>measure it</think><code>\n{CODE}\n</code>"
