@@ -1,14 +1,15 @@
 """Preference alignment on image and video pairs: DPO and MPO, ``keye dpo --config configs/posttrain/dpo-tiny.yaml``.
 
 A manifest line is ``{"id", "messages": [... ending with the user turn, media relative to the manifest], "chosen":
-"...", "rejected": "..."}``. One step encodes ``pairs_per_step`` pairs as ``2B`` chats (prompt + chosen, prompt +
+"...", "rejected": "..."}``. A micro-batch encodes ``pairs_per_step`` pairs as ``2B`` chats (prompt + chosen, prompt +
 rejected; `keye.training.data.encode_sample`, so labels mark exactly the response tokens), runs the policy (with grad)
 and a frozen copy of the initial policy (the reference) over them, sums each response's token log-probs and applies
 `dpo_loss` or `mpo_loss` (`keye.posttrain.preference`). MPO's quality-term shift ``delta`` is a moving average
 (`RewardShift`) logged every step and restored from the metrics on resume.
 
-The recipe is `PostTrainer` with its own ``train``: setup, freezing, LoRA, optimizer, checkpoints, resume and export are
-the training core's. Not for the losses (`keye.posttrain.preference`) or for making pairs (`write_preference_pairs`
+The recipe supplies only its micro-batches of pairs and their summed loss to the training core's loop
+(`keye.training.Trainer.train`), which owns accumulation (``grad_accum`` micro-batches: the mean over all their pairs),
+clipping, precision, the schedule, checkpoints, resume and export. Not for the losses (`keye.posttrain.preference`) or for making pairs (`write_preference_pairs`
 makes synthetic ones).
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from keye.processing import IGNORE_INDEX
 from keye.training import load_config
 from keye.training.data import MixSchedule, collate_padded, encode_sample, read_manifest
 from keye.training.losses import model_inputs
-from keye.training.trainer import plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +155,7 @@ class DPOTrainer(PostTrainer):
         self.reference = ref.eval().requires_grad_(False)
 
     def _batch(self) -> dict:
+        """The next ``pairs_per_step`` readable pairs: chosen rows first, then the rejected rows in the same order."""
         pairs = []
         while len(pairs) < self.cfg.dpo.pairs_per_step:
             p = self.stream.pair(self.position)
@@ -165,62 +165,56 @@ class DPOTrainer(PostTrainer):
         pad = self.processor.tokenizer.pad_token_id
         return collate_padded([c for c, _ in pairs] + [r for _, r in pairs], pad if pad is not None else 0)
 
-    def train(self) -> list[dict]:
-        from tqdm.auto import tqdm
+    # The core loop (`keye.training.Trainer.train`) owns accumulation, clipping, precision, schedule, checkpoints;
+    # this recipe supplies pairs and the preference loss summed over them.
+    def micro_batches(self):
+        while True:
+            yield self._batch()
 
-        cfg, d, acc = self.cfg, self.cfg.dpo, self.acc
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self._open_metrics()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.name, dynamic_ncols=True)
-        start_time = time.perf_counter()
-        self.model.train()
-        while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
-            batch = self._batch()
-            b = d.pairs_per_step
-            with torch.no_grad(), acc.autocast():
-                ref_lp, _ = sequence_logps(self.reference, batch)
-            with acc.autocast():
-                lp, lengths = sequence_logps(self.model, batch)
-            logps = (lp[:b], lp[b:], ref_lp[:b].to(lp.device), ref_lp[b:].to(lp.device))
-            if d.loss == "dpo":
-                loss, stats = dpo_loss(*logps, beta=d.beta)
-            else:
-                loss, stats = mpo_loss(
-                    *logps,
-                    lengths[:b],
-                    beta=d.beta,
-                    w_pref=d.w_pref,
-                    w_quality=d.w_quality,
-                    w_gen=d.w_gen,
-                    delta=self.shift.value,
-                )
-            acc.backward(loss)
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if d.loss == "mpo":
-                self.shift.update(*(x.detach() for x in logps), beta=d.beta)
-            self.step += 1
-            m = {
-                "step": self.step,
-                **{k: float(v) for k, v in stats.as_dict().items()},
-                "loss": float(loss.detach()),
-                "delta": self.shift.value,
-                "tokens": int(batch["num_tokens"]),
-                "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "time_s": time.perf_counter() - start_time,
-                "step_s": time.perf_counter() - t0,
-            }
-            self._finish_step(m, metrics_path, bar, loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}")
-        bar.close()
-        if self.metrics:
-            plot_losses(self.metrics, self.out / "loss.png", cfg.name)
+    def _count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2  # pairs
+
+    def _micro_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        d, acc = self.cfg.dpo, self.acc
+        b = self._count(batch)
+        with torch.no_grad(), acc.autocast():
+            ref_lp, _ = sequence_logps(self.reference, batch)
+        lp, lengths = sequence_logps(self.model, batch)
+        logps = (lp[:b], lp[b:], ref_lp[:b].to(lp.device), ref_lp[b:].to(lp.device))
+        if d.loss == "dpo":
+            loss, stats = dpo_loss(*logps, beta=d.beta)
+        else:
+            loss, stats = mpo_loss(
+                *logps,
+                lengths[:b],
+                beta=d.beta,
+                w_pref=d.w_pref,
+                w_quality=d.w_quality,
+                w_gen=d.w_gen,
+                delta=self.shift.value,
+            )
+        self._step_logps.append(tuple(x.detach() for x in logps))
+        self._step_stats.append((b, stats.as_dict()))
+        return loss * b, b  # the pairs' mean loss, summed
+
+    def step_metrics(self) -> dict:
+        """The step's preference statistics (pair-weighted over its micro-batches), then MPO's reward shift update."""
+        n = sum(b for b, _ in self._step_stats)
+        keys = self._step_stats[0][1]
+        out = {k: float(sum(b * float(s[k]) for b, s in self._step_stats) / n) for k in keys}
+        if self.cfg.dpo.loss == "mpo":
+            merged = [torch.cat(parts) for parts in zip(*self._step_logps)]
+            self.shift.update(*merged, beta=self.cfg.dpo.beta)
+        self._step_logps, self._step_stats = [], []
+        return {**out, "delta": self.shift.value}
+
+    def train(self) -> list[dict]:
+        self._step_logps, self._step_stats = [], []
+        return super().train()
+
+    def report_skipped(self) -> None:
         if self.stream.skipped:
             logger.warning("skipped %d pairs with unreadable media", self.stream.skipped)
-        return self.metrics
 
 
 def write_preference_pairs(manifest: str | Path, out: str | Path, *, seed: int = 0) -> Path:

@@ -181,6 +181,16 @@ class GSPOConfig:
 class RLConfig(PostTrainConfig):
     rl: GSPOConfig = field(default_factory=GSPOConfig)
 
+    def __post_init__(self):
+        super().__post_init__()
+        # An update here averages over the step's groups (rl.prompts_per_step) by itself; accelerate's accumulation
+        # would divide that loss again by grad_accum. Until GSPO runs on the core loop, refuse rather than mis-scale.
+        if self.grad_accum != 1:
+            raise ConfigError(
+                "grad_accum",
+                f"GSPO takes rl.prompts_per_step groups per update; grad_accum must be 1, got {self.grad_accum}",
+            )
+
 
 def reference_of(record: dict) -> Reference:
     """The verifiable answer of a manifest line: ``meta.answer_letter`` for a multiple-choice line (``meta.style ==

@@ -20,15 +20,12 @@ Not for the loss or the loop (`keye.training`), or sampling and RL losses (`keye
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import nn
@@ -118,33 +115,12 @@ def inject_part_lora(model: nn.Module, lora: LoraConfig, parts: LoraPartsConfig)
 
 
 class PostTrainer(Trainer):
-    """`Trainer` with part-wise LoRA, and the data stream a recipe chooses (`make_stream`; SFT keeps the core's)."""
+    """`Trainer` with part-wise LoRA (`add_adapters`); a recipe's own data stream comes through `make_stream`."""
 
     cfg: PostTrainConfig
 
-    def make_stream(self, core_stream: Callable, *args, **kwargs):
-        """The data stream `Trainer.setup` builds (same arguments as `keye.training.data.TrainStream`)."""
-        return core_stream(*args, **kwargs)
-
-    def setup(self, resume: bool = False) -> PostTrainer:
-        import keye.training.trainer as core
-
-        # The core's setup has no hook for adapters outside the LLM or for a non-SFT stream; until it does (see the
-        # issue 6 report), swap those two names for the duration of the call, and nothing else.
-        lora = self.cfg.lora
-        parts = self.cfg.lora_parts
-        core_stream = core.TrainStream
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(
-                mock.patch.object(
-                    core, "inject_lora", lambda model, _cfg: inject_part_lora(model, lora, parts)
-                )
-            )
-            stack.enter_context(
-                mock.patch.object(core, "TrainStream", lambda *a, **k: self.make_stream(core_stream, *a, **k))
-            )
-            super().setup(resume=resume)
-        return self
+    def add_adapters(self, model) -> None:
+        inject_part_lora(model, self.cfg.lora, self.cfg.lora_parts)
 
     def export(self) -> Path | None:
         """The core's export (``final/weights.safetensors`` + ``final/model``) plus ``final/train_config.json``."""

@@ -244,3 +244,104 @@ def test_posttrain_data_regime_and_rl_qtypes(tmp_path):
         assert lines and all(x["meta"]["qtype"] == "count" for x in lines)
     samples = load_samples(tmp_path / "mc" / "samples.jsonl")
     assert all(len(sc.objects) == 1 and sc.text is None for s in samples for sc in s.scenes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient accumulation: the update of grad_accum micro-batches is the update of the one large batch they make
+
+
+def _record_step(trainer) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Run one optimizer step; return the micro-batches it drew and the gradients the optimizer stepped with."""
+    drawn, grads = [], {}
+    source = trainer.micro_batches
+
+    def micro_batches():
+        for batch in source():
+            drawn.append(batch)
+            yield batch
+
+    trainer.micro_batches = micro_batches
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.update(
+            {
+                n: p.grad.detach().clone()
+                for n, p in trainer._unwrapped().named_parameters()
+                if p.grad is not None
+            }
+        )
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.train()
+    return drawn, grads
+
+
+def _large_batch_gradients(model, batches: list[dict], loss_sum) -> dict[str, torch.Tensor]:
+    """Gradients of (the loss summed over every unit of ``batches``) / (their number): one large batch's mean."""
+    model.zero_grad(set_to_none=True)
+    total, count = zip(*(loss_sum(model, b) for b in batches))
+    (sum(total) / sum(count)).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_gradients(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys() and got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_sft_accumulation_is_one_large_batch(tiny, tmp_path, accum):
+    import copy
+
+    from keye.posttrain.sft import PostTrainConfig, PostTrainer
+    from keye.training.losses import lm_loss_sum
+
+    model_dir, data = tiny
+    path = ROOT / "configs" / "posttrain" / "sft-lora-tiny.yaml"
+    extra = ["max_steps=1", f"grad_accum={accum}", "optim.max_grad_norm=1e9"]
+    cfg = load_config(
+        path, _tiny(path, model_dir, tmp_path, [data["media"], data["text"]], *extra), cls=PostTrainConfig
+    )
+    trainer = PostTrainer(cfg).setup()
+    start = copy.deepcopy(trainer._unwrapped())
+    batches, grads = _record_step(trainer)
+    assert len(batches) == accum and sum(int((b["labels"] != -100).sum()) > 0 for b in batches) == accum
+    _assert_same_gradients(grads, _large_batch_gradients(start.train(), batches, lm_loss_sum))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "mpo"])
+def test_preference_accumulation_is_one_large_batch(tiny, tmp_path, loss):
+    """Two micro-batches of 2 pairs give the gradient of the 4 pairs' mean loss (before: the last micro-batch's
+    loss alone, divided by grad_accum)."""
+    import copy
+
+    from keye.posttrain.dpo import DPOConfig, DPOTrainer
+
+    model_dir, data = tiny
+    path = ROOT / "configs" / "posttrain" / f"{loss}-tiny.yaml"
+    extra = [
+        "dpo.pairs_per_step=2",
+        "data.max_frames=2",
+        "max_steps=1",
+        "grad_accum=2",
+        "optim.max_grad_norm=1e9",
+    ]
+    cfg = load_config(path, _tiny(path, model_dir, tmp_path, [data["pairs"]], *extra), cls=DPOConfig)
+    trainer = DPOTrainer(cfg).setup()
+    start = copy.deepcopy(trainer._unwrapped()).train()
+    batches, grads = _record_step(trainer)
+    assert len(batches) == 2
+
+    def pair_loss_sum(model, batch):  # the recipe's loss with `model` as the policy
+        policy = trainer.model
+        trainer.model = model
+        try:
+            return trainer._micro_loss(batch)
+        finally:
+            trainer.model = policy
+
+    trainer.shift.value = 0.0  # MPO's shift as it was during the step (updated after it)
+    _assert_same_gradients(grads, _large_batch_gradients(start, batches, pair_loss_sum))

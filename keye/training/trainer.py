@@ -101,7 +101,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    """Setup, train, save, export: the shared core of the pretraining stages and post-training SFT."""
+    """Setup, train, save, export: the one loop of the pretraining stages, SFT and DPO/MPO.
+
+    A recipe overrides what it supplies (`make_stream`, `micro_batches`, `_count`, `_micro_loss`, `step_metrics`,
+    `add_adapters`); the loop owns accumulation, clipping, mixed precision, schedule, logging and checkpoints."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -180,9 +183,10 @@ class Trainer:
         inject_lora(model, self.cfg.lora)
 
     def build_stream(self):
-        """The data stream, starting at this rank's restored position (default: `TrainStream`)."""
+        """The data stream, starting at this rank's restored position (`make_stream` chooses its class)."""
         acc = self.acc
-        return TrainStream(
+        return self.make_stream(
+            TrainStream,
             self.cfg.data,
             self.processor,
             self.cfg.seed,
@@ -190,6 +194,10 @@ class Trainer:
             world=acc.num_processes,
             start=self.position,
         )
+
+    def make_stream(self, core_stream, *args, **kwargs):
+        """A recipe's data stream, built from `build_stream`'s arguments (default: ``core_stream``, `TrainStream`)."""
+        return core_stream(*args, **kwargs)
 
     def _param_groups(self, model) -> list[dict]:
         """Weight decay on matrices only (never on embeddings, norms or biases); ``optim.lr_scale`` multipliers."""
@@ -284,10 +292,33 @@ class Trainer:
         logger.info("resumed from %s (step %d)", ckpt, self.step)
 
     # ------------------------------------------------------------------------------------------------ training
+    # What a recipe supplies to the one loop below: its micro-batches, how many units each holds (the step's loss is
+    # the sum over units divided by their number over the whole step: every micro-batch, every rank), the summed
+    # loss of one micro-batch, and any metrics of its own.
+    def micro_batches(self):
+        """An endless iterator of micro-batches that keeps ``self.position`` (default: the stream's batches)."""
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.cfg.data.num_workers, persistent_workers=False
+        )
+        for batch in loader:
+            self.position = batch["next_position"]
+            yield batch
+
+    def _count(self, batch: dict) -> int:
+        """Units of ``batch`` the loss is averaged over (default: trained tokens; contrastive: pairs)."""
+        if self.cfg.objective == "contrastive":
+            return batch["input_ids"].shape[0]
+        return int((batch["labels"][:, 1:] != -100).sum())
+
     def _micro_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """The loss of ``batch`` summed over its `_count` units (contrastive: already a mean, see `train`)."""
         if self.cfg.objective == "contrastive":
             return contrastive_loss(self.model, self.head, batch)
         return lm_loss_sum(self.model, batch)
+
+    def step_metrics(self) -> dict:
+        """A recipe's own metrics of the step just taken (called after the optimizer step)."""
+        return {}
 
     def _open_metrics(self) -> Path:
         """``metrics.jsonl`` rewritten from ``self.metrics``: after a resume, steps past the checkpoint are dropped."""
@@ -313,10 +344,7 @@ class Trainer:
 
         cfg, acc = self.cfg, self.acc
         self.out.mkdir(parents=True, exist_ok=True)
-        loader = torch.utils.data.DataLoader(
-            self.stream, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=False
-        )
-        batches = iter(loader)
+        batches = self.micro_batches()
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -330,14 +358,11 @@ class Trainer:
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             window = [next(batches) for _ in range(cfg.grad_accum)]
-            self.position = window[-1]["next_position"]
             local = torch.tensor(
-                [sum(self._count(b) for b in window), sum(b["num_tokens"] for b in window)],
+                [sum(self._count(b) for b in window), sum(int(b["num_tokens"]) for b in window)],
                 dtype=torch.float64,
             )
-            total = acc.reduce(
-                local.to(acc.device), reduction="sum"
-            ).cpu()  # trained labels, tokens: all ranks
+            total = acc.reduce(local.to(acc.device), reduction="sum").cpu()  # units, tokens: all ranks
             denom = max(float(total[0]), 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64)
             grad_norm = None
@@ -346,10 +371,10 @@ class Trainer:
                     with acc.autocast():
                         loss, _ = self._micro_loss(batch)
                     # accelerate divides by grad_accum and DDP averages over ranks: undo both, so the gradient is
-                    # that of (sum over the step's tokens) / (the step's token count).
+                    # that of (sum over the step's units) / (the step's unit count).
                     scale = (
                         acc.num_processes * cfg.grad_accum / denom
-                        if cfg.objective == "lm"
+                        if cfg.objective != "contrastive"
                         else 1.0  # contrastive: mean over micro-batches and ranks
                     )
                     acc.backward(loss * scale)
@@ -362,7 +387,7 @@ class Trainer:
             total_loss = acc.reduce(loss_sum.to(acc.device), reduction="sum").cpu()
             loss_value = float(
                 total_loss / denom
-                if cfg.objective == "lm"
+                if cfg.objective != "contrastive"
                 else total_loss / (acc.num_processes * cfg.grad_accum)
             )
             self.step += 1
@@ -375,6 +400,7 @@ class Trainer:
                 "tokens": int(total[1]),
                 "tokens_per_s": float(total[1]) / dt,
                 "time_s": time.perf_counter() - start_time,
+                **self.step_metrics(),
             }
             self._finish_step(
                 m, metrics_path, bar, loss=f"{loss_value:.4f}", tok_s=f"{m['tokens_per_s']:.0f}"
@@ -382,6 +408,11 @@ class Trainer:
         bar.close()
         if acc.is_main_process and self.metrics:
             plot_losses(self.metrics, self.out / "loss.png", cfg.name)
+        self.report_skipped()
+        return self.metrics
+
+    def report_skipped(self) -> None:
+        """Warn about samples the stream had to skip (unreadable media, too long)."""
         s = self.stream.stats
         if s.skipped_media or s.skipped_too_long:
             logger.warning(
@@ -389,12 +420,6 @@ class Trainer:
                 s.skipped_media,
                 s.skipped_too_long,
             )
-        return self.metrics
-
-    def _count(self, batch: dict) -> int:
-        if self.cfg.objective == "contrastive":
-            return batch["input_ids"].shape[0]
-        return int((batch["labels"][:, 1:] != -100).sum())
 
     # ------------------------------------------------------------------------------------------------ export
     def export(self) -> Path | None:
