@@ -113,7 +113,9 @@ m = t._unwrapped()
 before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
 t.train()
 after = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
-torch.save({"before": before, "after": after, "position": t.position, "world": t.acc.num_processes},
+full = {n: p.detach().clone() for n, p in m.state_dict().items()}
+t.export()
+torch.save({"before": before, "after": after, "full": full, "position": t.position, "world": t.acc.num_processes},
            f"{cfg.output_dir}/rank{t.acc.process_index}.pt")
 """
 
@@ -139,7 +141,6 @@ def test_two_processes_agree_on_the_parameters_after_a_step(config, tmp_path):
             f"output_dir={out}",
             "max_steps=2",
             "save_every=2",
-            "export=false",
         ],
         cwd=ROOT,
         env=env,
@@ -154,3 +155,19 @@ def test_two_processes_agree_on_the_parameters_after_a_step(config, tmp_path):
         assert torch.equal(r0["after"][name], r1["after"][name]), name
     assert any(not torch.equal(r0["before"][n], r0["after"][n]) for n in r0["after"])
     assert (out / "checkpoints" / "step-000002" / "rank1.pt").exists()
+    # The checkpoint and the export of the 2-process run hold every trained tensor full-size, equal to the model's
+    # (through accelerate's gathered state dict: the one path for DDP, DeepSpeed ZeRO-3 and FSDP).
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "step-000002" / "trainable.safetensors"))
+    assert saved.keys() == r0["after"].keys()
+    for name, value in saved.items():
+        assert value.shape == r0["after"][name].shape and torch.equal(value, r0["after"][name]), name
+    from keye import load_pretrained
+
+    exported, _ = load_pretrained(out / "final" / "model")
+    merged = exported.state_dict()
+    compared = [n for n in r0["full"] if ".lora_" not in n and n in merged]  # LoRA is merged on export
+    assert len(compared) > len(merged) // 2 and any(n in compared for n in r0["after"])
+    for name in compared:
+        torch.testing.assert_close(merged[name], r0["full"][name], rtol=0, atol=0, msg=name)

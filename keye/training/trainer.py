@@ -141,21 +141,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        model, self.processor = load_model(cfg.model, seed=cfg.seed)
-        self.add_adapters(model)
-        self.trainable = apply_freeze(model, cfg.freeze, model.config)
-        self.head = None
-        if cfg.objective == "contrastive":
-            c = cfg.contrastive
-            torch.manual_seed(cfg.seed)
-            self.head = SigLIPHead(
-                model.config.vision.hidden_size,
-                model.config.text.hidden_size,
-                c.embed_dim,
-                c.init_temperature,
-                c.init_bias,
-            )
-            model.head = self.head  # a sub-module, so DDP/DeepSpeed see and sync it
+        model, self.processor, self.trainable = self._build_model()
+        self.head = getattr(model, "head", None)
+        # names of the trained tensors, read before any engine wraps or shards the parameters
+        self.trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         logger.info("trainable: %d of %d parameters (%d tensors)", n_train, n_all, len(self.trainable))
@@ -176,6 +165,39 @@ class Trainer:
                 logger.info("--resume: no checkpoint under %s, starting fresh", self.out)
         self.stream = self.build_stream()
         return self
+
+    def _build_model(self):
+        """The model as this run trains it, before any engine wraps it: loaded (``cfg.model``), adapters added,
+        freezing applied, the contrastive head attached. Returns (model, processor, trainable tensors)."""
+        cfg = self.cfg
+        model, processor = load_model(cfg.model, seed=cfg.seed)
+        self.add_adapters(model)
+        trainable = apply_freeze(model, cfg.freeze, model.config)
+        if cfg.objective == "contrastive":
+            c = cfg.contrastive
+            torch.manual_seed(cfg.seed)
+            # a sub-module, so DDP/DeepSpeed/FSDP see and sync it
+            model.head = SigLIPHead(
+                model.config.vision.hidden_size,
+                model.config.text.hidden_size,
+                c.embed_dim,
+                c.init_temperature,
+                c.init_bias,
+            )
+        return model, processor, trainable
+
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state, gathered from every rank by accelerate (full tensors under DeepSpeed ZeRO-3 and
+        FSDP too, where each rank holds only a shard); on the main process, None elsewhere. Every rank must call it."""
+        state = self.acc.get_state_dict(self.model)
+        return state if self.acc.is_main_process else None
+
+    @property
+    def _sharded(self) -> bool:
+        """Parameters and optimizer state are partitioned across ranks (DeepSpeed, FSDP)."""
+        from accelerate.utils import DistributedType
+
+        return self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
     # Hooks a recipe may override (post-training: adapters outside the LLM, streams of pairs or prompts).
     def add_adapters(self, model) -> None:
@@ -237,14 +259,16 @@ class Trainer:
             {"rng": _rng_state(), "position": self.position},
             tmp / f"rank{acc.process_index}.pt",
         )
-        if self.cfg.deepspeed:
-            acc.save_state(str(tmp / "deepspeed"))  # sharded optimizer/model states, every rank
+        if self._sharded:
+            acc.save_state(
+                str(tmp / "engine")
+            )  # optimizer and model shards as the engine keeps them, every rank
+        full = self._full_state()  # every rank takes part in the gathering
         acc.wait_for_everyone()
         if acc.is_main_process:
-            model = self._unwrapped()
-            state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            state = {n: full[n].detach().cpu().contiguous() for n in self.trained_names}
             save_file(state, str(tmp / "trainable.safetensors"))
-            if not self.cfg.deepspeed:
+            if not self._sharded:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             meta = {"step": self.step, "world": acc.num_processes, "config": asdict(self.cfg)}
@@ -273,15 +297,14 @@ class Trainer:
                 f"{ckpt}: written by {meta['world']} processes, resuming with {acc.num_processes}: "
                 "the data order would differ; resume with the same world size"
             )
-        model = self._unwrapped()
-        state = load_file(str(ckpt / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, v in state.items():
-                params[n].copy_(v)
-        if self.cfg.deepspeed:
-            acc.load_state(str(ckpt / "deepspeed"))
+        if self._sharded:  # each rank loads its own shards of the model and the optimizer
+            acc.load_state(str(ckpt / "engine"))
         else:
+            state = load_file(str(ckpt / "trainable.safetensors"))
+            params = dict(self._unwrapped().named_parameters())
+            with torch.no_grad():
+                for n, v in state.items():
+                    params[n].copy_(v)
             self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
         rank = torch.load(ckpt / f"rank{acc.process_index}.pt", weights_only=False)
@@ -429,18 +452,24 @@ class Trainer:
 
         acc = self.acc
         acc.wait_for_everyone()
+        full = self._full_state()  # every rank takes part in the gathering
         final = self.out / "final"
         if not acc.is_main_process:
             return final
-        model = self._unwrapped()
+        # A model of the run's own structure on the CPU, holding the gathered full tensors: the same export whatever
+        # the engine (the trained module itself holds only this rank's shards under ZeRO-3 and FSDP).
+        with torch.random.fork_rng(devices=[]):
+            model = self._build_model()[0]
+        model.load_state_dict({k: v.detach().cpu() for k, v in full.items()})
+        del full
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         delta = {k: v for k, v in trained_delta(model).items() if not k.startswith("head.")}
         save_file(delta, str(tmp / "weights.safetensors"))
-        if self.head is not None:
+        if getattr(model, "head", None) is not None:
             save_file(
-                {k: v.detach().contiguous() for k, v in self.head.state_dict().items()},
+                {k: v.detach().contiguous() for k, v in model.head.state_dict().items()},
                 str(tmp / "head.safetensors"),
             )
             del model.head
