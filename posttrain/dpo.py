@@ -58,6 +58,7 @@ class PreferenceConfig:
 
 @dataclass
 class DPOConfig(PostTrainConfig):
+    recipe: str = "dpo"
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 

@@ -179,6 +179,7 @@ class GSPOConfig:
 
 @dataclass
 class RLConfig(PostTrainConfig):
+    recipe: str = "rl"
     rl: GSPOConfig = field(default_factory=GSPOConfig)
 
     def __post_init__(self):

@@ -32,7 +32,7 @@ from torch import nn
 
 from keye.errors import ConfigError
 from keye.training import Trainer, load_config
-from keye.training.config import LoraConfig, TrainConfig
+from keye.training.config import LoraConfig, TrainConfig, recipe_class
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class LoraPartsConfig:
 class PostTrainConfig(TrainConfig):
     """`TrainConfig` with part-wise LoRA; the SFT config, and the base of the RL and preference configs."""
 
+    recipe: str = "sft"
     lora_parts: LoraPartsConfig = field(default_factory=LoraPartsConfig)
 
 
@@ -252,11 +253,15 @@ def merge_lora_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = 
     ckpt = Path(ckpt)
     folder = ckpt if ckpt.is_dir() else ckpt.parent
     if (folder / "state.json").exists():
-        cfg = config_from_dict(json.loads((folder / "state.json").read_text())["config"], PostTrainConfig)
+        saved = json.loads((folder / "state.json").read_text())["config"]
     elif (folder / "train_config.json").exists():
-        cfg = config_from_dict(json.loads((folder / "train_config.json").read_text()), PostTrainConfig)
+        saved = json.loads((folder / "train_config.json").read_text())
     else:
         raise ConfigError(ckpt, "neither a checkpoint (state.json) nor an export (train_config.json)")
+    recipe = saved.get("recipe", "sft")  # runs from before recipes were named were SFT runs
+    if recipe == "pretrain":
+        raise ConfigError(ckpt, "a pretraining run: its export (final/model) is already a plain model folder")
+    cfg = config_from_dict(saved, recipe_class(recipe))
     model_cfg = copy.deepcopy(cfg.model)
     if base is not None:
         model_cfg.path, model_cfg.init_from = base, []

@@ -15,29 +15,34 @@ from keye.training import load_config
 from keye.training.testing import make_tiny_data, make_tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs" / "posttrain").glob("*.yaml"))
-
-
-def _config_class(path: Path):
-    from keye.posttrain.dpo import DPOConfig
-    from keye.posttrain.rl import RLConfig
-    from keye.posttrain.sft import PostTrainConfig
-
-    stem = path.stem
-    if stem.startswith(("gspo", "thyme")):
-        return RLConfig
-    if stem.startswith(("dpo", "mpo")):
-        return DPOConfig
-    assert stem.startswith("sft"), f"{path.name}: no recipe for this config name"
-    return PostTrainConfig
+CONFIGS = sorted((ROOT / "configs" / "posttrain").glob("*.yaml")) + sorted(
+    (ROOT / "configs" / "pretrain").glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_config_validates(path):
-    cfg = load_config(path, cls=_config_class(path))
-    assert cfg.name and cfg.output_dir and cfg.data.sources
+    """Every shipped YAML, as it is, loads into the config class of the recipe it names (its ``recipe:`` key)."""
+    from keye.training.config import recipe_config_class
+
+    cls = recipe_config_class(path)
+    cfg = load_config(path, cls=cls)
+    assert type(cfg) is cls and cfg.name and cfg.output_dir and cfg.data.sources
     if cfg.lora.r > 0:
         assert any(r.endswith(r"\.lora_") for r in cfg.freeze.trainable)
+
+
+def test_a_config_runs_only_with_its_recipe(tmp_path):
+    from keye.errors import ConfigError
+    from keye.posttrain.sft import PostTrainConfig
+
+    dpo = ROOT / "configs" / "posttrain" / "dpo-tiny.yaml"
+    with pytest.raises(ConfigError, match=r"dpo-tiny.yaml: recipe: a 'dpo' config; run it with `keye dpo`"):
+        load_config(dpo, cls=PostTrainConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: distill\nname: x\n")
+    with pytest.raises(ConfigError, match="unknown recipe 'distill'"):
+        load_config(bad, cls=PostTrainConfig)
 
 
 def test_config_errors_name_the_key():

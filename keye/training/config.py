@@ -143,6 +143,9 @@ class ContrastiveConfig:
 class TrainConfig:
     """A whole training run. ``objective``: "lm" (next-token loss on assistant tokens) or "contrastive" (stage 0)."""
 
+    # The recipe this config is for (the command that runs it: `keye pretrain`, `keye sft`, `keye dpo`, `keye rl`);
+    # each recipe's config class has its own default, and a YAML naming another recipe is refused.
+    recipe: str = "pretrain"
     name: str = "run"
     output_dir: str = "runs/run"
     objective: str = "lm"
@@ -163,6 +166,7 @@ class TrainConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
     def __post_init__(self):
+        _check_recipe(type(self), self.recipe)
         if self.objective not in ("lm", "contrastive"):
             raise ConfigError("objective", f"must be 'lm' or 'contrastive', got {self.objective!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -239,6 +243,45 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _check_recipe(cls: type, recipe: object) -> None:
+    """A config names the recipe of ``cls`` (the one that reads it), or the error says which command runs it."""
+    expected = cls.__dataclass_fields__["recipe"].default
+    if recipe == expected:
+        return
+    if recipe not in RECIPES:
+        raise ConfigError("recipe", f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+    raise ConfigError("recipe", f"a {recipe!r} config; run it with `keye {recipe}`, not `keye {expected}`")
+
+
+# recipe -> its config class ("module:Class", imported on use: the post-training recipes live above this layer)
+RECIPES = {
+    "pretrain": "keye.training.config:TrainConfig",
+    "sft": "keye.posttrain.sft:PostTrainConfig",
+    "dpo": "keye.posttrain.dpo:DPOConfig",
+    "rl": "keye.posttrain.rl:RLConfig",
+}
+
+
+def recipe_config_class(path: str | Path) -> type:
+    """The config class of the recipe a YAML file names (its ``recipe:`` key)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(str(path), f"cannot read config: {e}") from e
+    recipe = data.get("recipe") if isinstance(data, dict) else None
+    if recipe not in RECIPES:
+        raise ConfigError(str(path), f"recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    return recipe_class(recipe)
+
+
+def recipe_class(recipe: str) -> type:
+    """The config class of ``recipe`` (a key of `RECIPES`)."""
+    import importlib
+
+    module, name = RECIPES[recipe].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig
 ) -> Any:
@@ -258,6 +301,8 @@ def load_config(
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
     try:
+        if "recipe" in data and "recipe" in getattr(cls, "__dataclass_fields__", {}):
+            _check_recipe(cls, data["recipe"])  # before the other keys: a wrong recipe explains them all
         return _build(cls, data, "")
     except ConfigError as e:
         raise ConfigError(source, e.args[0]) from e
