@@ -1,0 +1,3 @@
+from keye.synthetic.manifest import main
+
+main()
