@@ -126,7 +126,7 @@ def build_keye_tiny(out_dir: Path, vision_weights: Path | None = TINY_WEIGHTS, s
     tokenizer.chat_template = (
         CHAT_TEMPLATE  # Keye's ChatML layout replaces SmolLM2's (which adds a system prompt)
     )
-    processor = KeyeProcessor(tokenizer, ProcessorSettings(**TINY_SETTINGS), config.tokens_per_second)
+    processor = KeyeProcessor(tokenizer, ProcessorSettings.from_dict(TINY_SETTINGS), config.tokens_per_second)
 
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent if out_dir.parent.exists() else None))

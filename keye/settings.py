@@ -6,8 +6,9 @@ processor would use without loading M.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keye.encoders.slowfast import SlowFastConfig
@@ -16,19 +17,27 @@ PROCESSOR_CONFIG = "keye_processor.json"
 OFFICIAL_SYSTEM = "You are a helpful assistant."  # Keye-VL-1.5's chat template, when a conversation has none
 OFFICIAL_FETCH_MAX_PIXELS = 16_056_320  # keye-vl-utils' MAX_PIXELS (20,480 tokens of 28x28)
 
-# keye-tiny's settings (what `keye.pretrained.build_keye_tiny` saves with it): 112x112-ish frames (16 tokens) for slow
-# frames, a small budget for a 2-core CPU.
+# keye-tiny's settings (what `keye.pretrained.build_keye_tiny` saves with it; `ProcessorSettings.from_dict` reads
+# them): 112x112-ish frames (16 tokens) for slow frames, a small budget for a 2-core CPU.
 TINY_SETTINGS = dict(
     min_pixels=56 * 56,
     max_pixels=224 * 224,
-    fps=2.0,
-    max_frames=16,
-    token_budget=1024,
-    min_tokens=16,
-    max_tokens=64,
-    min_fast_tokens=4,
+    video=dict(fps=2.0, max_frames=16, token_budget=1024, min_tokens=16, max_tokens=64, min_fast_tokens=4),
     max_length=8192,
 )
+# keye_processor.json as keye <= 0.1 wrote it: the Slow-Fast fields flat, some under other names
+_FLAT_VIDEO_KEYS = {
+    "fps": "fps",
+    "max_frames": "max_frames",
+    "token_budget": "token_budget",
+    "min_tokens": "min_tokens",
+    "max_tokens": "max_tokens",
+    "fast_ratio": "fast_ratio",
+    "min_fast_tokens": "min_fast_tokens",
+    "slowfast": "enabled",
+    "video_resample": "resample",
+    "video_budget_rule": "budget_rule",
+}
 
 
 @dataclass
@@ -44,20 +53,8 @@ class ProcessorSettings:
     # The official pipeline resizes an image twice: keye-vl-utils' fetch_image to at most this many pixels, then the
     # image processor to max_pixels (a different grid for some large images). None: one resize (keye's default).
     fetch_max_pixels: int | None = None
-    # Video frame selection (see keye.encoders.slowfast.SlowFastConfig)
-    fps: float = 2.0
-    max_frames: int = 1365
-    token_budget: int = 65536
-    min_tokens: int = 48
-    max_tokens: int = 768
-    fast_ratio: float = 0.3
-    min_fast_tokens: int = 48
-    slowfast: bool = True
-    # Video frames resized from the decoded frame with "bilinear" (antialiased, keye's default) or "bicubic" (PIL, as
-    # the official image processor does; keeps sampled frames at native size until the plan is final).
-    video_resample: str = "bilinear"
-    # "actual" (keye: frames sized by their actual tokens, never over token_budget) or "reference" (keye-vl-utils 1.5.2)
-    video_budget_rule: str = "actual"
+    # How videos are sampled, split into slow and fast frames and sized (`keye.encoders.slowfast.SlowFastConfig`)
+    video: SlowFastConfig = field(default_factory=SlowFastConfig)
     max_length: int = 131072
     default_system: str | None = None  # inserted when a conversation has no system turn
     # think=True/False appends "/think" or "/no_think" to the last user turn after this separator; no-think mode also
@@ -66,31 +63,24 @@ class ProcessorSettings:
     prefill_no_think: bool = True
 
     def video_config(self, **overrides) -> SlowFastConfig:
-        """The Slow-Fast config these settings give videos; ``overrides`` (fps, max_frames, token_budget, ...:
-        `SlowFastConfig` fields, ``None`` values ignored) replace fields. What `KeyeProcessor.load_video` and
-        ``keye frames --model`` plan with."""
-        fields = dict(
-            fps=self.fps,
-            max_frames=self.max_frames,
-            token_budget=self.token_budget,
-            min_tokens=self.min_tokens,
-            max_tokens=self.max_tokens,
-            fast_ratio=self.fast_ratio,
-            min_fast_tokens=self.min_fast_tokens,
-            enabled=self.slowfast,
-            resample=self.video_resample,
-            budget_rule=self.video_budget_rule,
-        )
-        return SlowFastConfig(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
+        """``video`` with ``overrides`` (fps, max_frames, token_budget, ...: `SlowFastConfig` fields; ``None``
+        values ignored) applied: what `KeyeProcessor.load_video` and ``keye frames --model`` plan with."""
+        return dataclasses.replace(self.video, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
     def from_dict(cls, d: dict) -> ProcessorSettings:
+        """Settings from ``keye_processor.json``: the nested ``video`` section, or the flat keys keye <= 0.1 wrote."""
         d = dict(d)
         d.pop("tokens_per_second", None)  # written by keye <= 0.1; now read from the model's config.json
+        video = dict(d.pop("video", None) or {})
+        for old, new in _FLAT_VIDEO_KEYS.items():
+            if old in d:
+                video[new] = d.pop(old)
         unknown = set(d) - set(cls.__dataclass_fields__)
+        unknown |= {f"video.{k}" for k in set(video) - set(SlowFastConfig.__dataclass_fields__)}
         if unknown:
             raise ValueError(f"unknown processor settings: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**d, video=SlowFastConfig(**video))
 
     @classmethod
     def official(cls, preprocessor: dict) -> ProcessorSettings:
@@ -112,8 +102,7 @@ class ProcessorSettings:
             min_pixels=preprocessor["min_pixels"],
             max_pixels=preprocessor["max_pixels"],
             fetch_max_pixels=OFFICIAL_FETCH_MAX_PIXELS,
-            video_resample="bicubic",
-            video_budget_rule="reference",
+            video=SlowFastConfig.official(),
             default_system=OFFICIAL_SYSTEM,
             think_separator="",
             prefill_no_think=False,
@@ -124,7 +113,7 @@ def read_processor_settings(name_or_path: str | Path) -> ProcessorSettings:
     """The settings model ``name_or_path`` (``keye-tiny`` or a model folder) gives its processor, without loading it:
     keye-tiny's `TINY_SETTINGS`, a folder's ``keye_processor.json`` (defaults when it has none)."""
     if str(name_or_path) == "keye-tiny":
-        return ProcessorSettings(**TINY_SETTINGS)
+        return ProcessorSettings.from_dict(TINY_SETTINGS)
     folder = Path(name_or_path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(

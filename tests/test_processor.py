@@ -134,3 +134,36 @@ def test_short_clip_gives_a_frame(keye_tiny, media_dir):
     path = write_video(media_dir / "short.mp4", [np.full((64, 64, 3), 90, np.uint8)] * 3, fps=10)  # 0.3 s
     video = processor.load_video(str(path))
     assert len(video.frames) >= 1
+
+
+def test_settings_nest_the_slowfast_config_and_read_old_files():
+    """`ProcessorSettings.video` is the Slow-Fast config itself (no copied fields); keye_processor.json files written
+    flat by keye <= 0.1 load into it."""
+    import json
+    from dataclasses import asdict
+
+    from keye.encoders.slowfast import SlowFastConfig
+    from keye.settings import TINY_SETTINGS, ProcessorSettings
+
+    tiny = ProcessorSettings.from_dict(TINY_SETTINGS)
+    assert isinstance(tiny.video, SlowFastConfig) and tiny.video.max_frames == 16
+    assert tiny.video_config(fps=1.0, token_budget=None) == SlowFastConfig(
+        **{**asdict(tiny.video), "fps": 1.0}
+    )
+    assert (
+        ProcessorSettings.from_dict(json.loads(json.dumps(asdict(tiny)))) == tiny
+    )  # the saved file round-trips
+    old = {
+        "fps": 1.0,
+        "max_frames": 8,
+        "slowfast": False,
+        "video_resample": "bicubic",
+        "video_budget_rule": "reference",
+    }
+    legacy = ProcessorSettings.from_dict({**old, "max_length": 4096, "tokens_per_second": 2.0})
+    assert legacy.max_length == 4096
+    assert legacy.video == SlowFastConfig(
+        fps=1.0, max_frames=8, enabled=False, resample="bicubic", budget_rule="reference"
+    )
+    with pytest.raises(ValueError, match=r"\['video.nope'\]"):
+        ProcessorSettings.from_dict({"video": {"nope": 1}})
