@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from keye.encoders.hsv import rgb_to_hsv
 from keye.encoders.slowfast import (
     FramePlan,
     SlowFastConfig,
@@ -21,7 +22,6 @@ from keye.encoders.slowfast import (
     max_frames_for_budget,
     plan_from_labels,
     plan_video,
-    rgb_to_hsv,
     sample_positions,
     token_budget_split,
 )
