@@ -557,7 +557,7 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
     """The Blocks app for one loaded model. Call `launch` (or ``.queue().launch()``) to serve it."""
     limits = limits or Limits()
     demo = DemoApp(model, processor, model_name=model_name, limits=limits)
-    s = processor.settings
+    s = processor.settings.video  # the Slow-Fast config the sliders start from
     device = str(model.device)
     tools_ok, tools_info = tools_status()
     with gr.Blocks(title="keye demo") as app:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from keye.configuration import VISION_TOKENS, KeyeConfig, KeyeTextConfig, keye_tiny_config, token_id_fields
+from keye.deltas import apply_delta
 from keye.modeling import KeyeForConditionalGeneration
 from keye.processing import CHAT_TEMPLATE, KeyeProcessor
 from keye.settings import TINY_SETTINGS, ProcessorSettings
@@ -117,8 +118,6 @@ def build_keye_tiny(out_dir: Path, vision_weights: Path | None = TINY_WEIGHTS, s
     assert not unexpected, unexpected
     assert all(k.startswith(("vision.", "projector.", "lm_head")) for k in missing), missing
     if vision_weights is not None and Path(vision_weights).exists():
-        from keye.training.model import apply_delta
-
         trained = load_file(str(vision_weights))
         apply_delta(model, trained)  # whole tensors, LoRA factor pairs, new-token embedding rows
         logger.info("loaded %d trained keye-tiny tensors from %s", len(trained), vision_weights)
@@ -137,6 +136,22 @@ def build_keye_tiny(out_dir: Path, vision_weights: Path | None = TINY_WEIGHTS, s
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)  # atomic: a half-written cache is never picked up
     return out_dir
+
+
+def keye_tiny_base() -> Path:
+    """keye-tiny before training: SmolLM2 + the Keye tokens + the seeded random vision tower and projector, whatever
+    asset is shipped (so that retraining keye-tiny starts where the shipped weights started)."""
+    folder = keye_home() / "keye-tiny-base"
+    version = folder / "recipe_version.txt"  # a folder built by an older recipe may lack a module
+    if (
+        not (folder / "config.json").exists()
+        or not version.exists()
+        or version.read_text() != TINY_RECIPE_VERSION
+    ):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        build_keye_tiny(folder, vision_weights=None)
+        version.write_text(TINY_RECIPE_VERSION)
+    return folder
 
 
 def resolve(name_or_path: str | Path) -> Path:

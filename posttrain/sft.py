@@ -248,7 +248,8 @@ def merge_lora_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = 
     (``final/`` or its ``weights.safetensors`` delta). The base model is the run's ``model`` section (``base``
     overrides its ``model.path``).
     """
-    from keye.training.model import apply_delta, load_model, merge_lora, read_tensors
+    from keye.deltas import apply_delta, read_tensors
+    from keye.training.model import load_model, merge_lora
 
     ckpt = Path(ckpt)
     folder = ckpt if ckpt.is_dir() else ckpt.parent

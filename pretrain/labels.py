@@ -476,9 +476,10 @@ def _train_motion(cfg: LabelsConfig, model, targets, examples, log) -> None:
 def train_labels(cfg: LabelsConfig) -> Path:
     """Run Stage 0 and write ``<output_dir>/final`` (skipped when it is already there). The tower phases write
     ``<output_dir>/tower`` first, so an interrupted motion phase restarts from there."""
+    from keye.deltas import apply_delta, read_tensors
     from keye.modeling import KeyeForConditionalGeneration
+    from keye.pretrained import keye_tiny_base
     from keye.processing import KeyeProcessor
-    from keye.training.model import apply_delta, keye_tiny_base, read_tensors
 
     out = Path(cfg.output_dir)
     final, tower = out / "final", out / "tower"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from keye.deltas import read_tensors
 from keye.errors import ConfigError
-from keye.training.model import read_tensors
 
 __all__ = ["merge_checkpoints"]
 

@@ -173,7 +173,7 @@ def build_asset(stage_dirs: list[Path], out: Path) -> Path:
     """Compose the stages' delta files into the one file keye-tiny ships (fp32)."""
     from safetensors.torch import save_file
 
-    from keye.training.model import compose_deltas, read_tensors
+    from keye.deltas import compose_deltas, read_tensors
 
     delta = compose_deltas([read_tensors(d / "final") for d in stage_dirs])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,9 +235,10 @@ def evaluate_open(
 
 def load_with_asset(asset: Path | None):
     """keye-tiny as `load_pretrained` builds it without an asset, plus ``asset`` applied (None: untrained)."""
+    from keye.deltas import apply_delta, read_tensors
     from keye.modeling import KeyeForConditionalGeneration
+    from keye.pretrained import keye_tiny_base
     from keye.processing import KeyeProcessor
-    from keye.training.model import apply_delta, keye_tiny_base, read_tensors
 
     folder = keye_tiny_base()
     model = KeyeForConditionalGeneration.from_pretrained(

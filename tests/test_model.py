@@ -15,8 +15,7 @@ def test_text_logits_match_transformers_llama():
     from transformers import LlamaForCausalLM
 
     from keye import load_pretrained
-    from keye.pretrained import smollm2_gguf
-    from keye.training.model import keye_tiny_base
+    from keye.pretrained import keye_tiny_base, smollm2_gguf
 
     model, processor = load_pretrained(str(keye_tiny_base()), dtype=torch.float32)
     gguf = smollm2_gguf()

@@ -149,8 +149,8 @@ def test_packed_loss_equals_the_sum_of_separate_losses(tiny):
 
 def test_composed_deltas_equal_sequential_application(tiny):
     from keye.configuration import KeyeConfig
+    from keye.deltas import apply_delta, compose_deltas
     from keye.modeling import KeyeForConditionalGeneration
-    from keye.training.model import apply_delta, compose_deltas
 
     model_dir, _ = tiny
     torch.manual_seed(0)

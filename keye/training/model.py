@@ -4,10 +4,7 @@ Freezing is data, not code: `apply_freeze` marks trainable exactly the parameter
 ``freeze.trainable`` (and not ``freeze.frozen``); Stage 1's "new token embeddings" is ``freeze.token_rows: special``,
 a gradient mask on the rows of the Keye special tokens.
 
-A *delta file* (safetensors) is how trained weights travel between stages and into ``keye-tiny``'s shipped asset
-without copying the frozen base: plain tensors replace the parameter of that name; ``<module>.weight.lora_A`` /
-``.lora_B`` pairs (scaling folded into B) add ``B @ A`` to the weight; ``<name>.rows`` + ``<name>.row_values``
-replace only those rows. `apply_delta` reads all three; `trained_delta` writes them.
+Trained weights travel as delta files (`keye.deltas`): ``init_from`` applies them here.
 
 Not for: the loop (`keye.training.trainer`) or the data (`keye.training.data`).
 """
@@ -23,6 +20,7 @@ import torch
 from torch import nn
 
 from keye.configuration import KeyeConfig
+from keye.deltas import apply_delta, lora_layers, read_tensors
 from keye.errors import ConfigError
 from keye.modeling import KeyeForConditionalGeneration
 from keye.processing import KeyeProcessor
@@ -31,17 +29,12 @@ from keye.training.config import FreezeConfig, LoraConfig, ModelConfig
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "apply_delta",
     "apply_freeze",
-    "compose_deltas",
     "inject_lora",
-    "keye_tiny_base",
     "load_model",
     "merge_lora",
-    "read_tensors",
     "set_rope_theta",
     "special_token_ids",
-    "trained_delta",
 ]
 
 EMBED = "language_model.embed_tokens.weight"
@@ -59,24 +52,6 @@ def set_rope_theta(model: KeyeForConditionalGeneration, theta: float) -> None:
     logger.info("RoPE base %g -> %g", old, theta)
 
 
-def keye_tiny_base() -> Path:
-    """keye-tiny before training: SmolLM2 + the Keye tokens + the seeded random vision tower and projector, whatever
-    asset is shipped (so that retraining keye-tiny starts where the shipped weights started)."""
-    from keye.pretrained import TINY_RECIPE_VERSION, build_keye_tiny, keye_home
-
-    folder = keye_home() / "keye-tiny-base"
-    version = folder / "recipe_version.txt"  # a folder built by an older recipe may lack a module
-    if (
-        not (folder / "config.json").exists()
-        or not version.exists()
-        or version.read_text() != TINY_RECIPE_VERSION
-    ):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        build_keye_tiny(folder, vision_weights=None)
-        version.write_text(TINY_RECIPE_VERSION)
-    return folder
-
-
 def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[KeyeForConditionalGeneration, KeyeProcessor]:
     """The model and processor a run starts from (fp32, train mode), with ``init_from`` deltas applied.
 
@@ -84,7 +59,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[KeyeForConditionalGener
     ``random:<folder>`` (that folder's config with fresh weights from ``seed``)."""
     from transformers.utils.import_utils import is_flash_attn_2_available
 
-    from keye.pretrained import load_pretrained
+    from keye.pretrained import keye_tiny_base, load_pretrained
 
     if cfg.attn_implementation is None:  # weights load on the CPU; the run moves them to the GPU
         use_flash = torch.cuda.is_available() and is_flash_attn_2_available()
@@ -112,24 +87,6 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[KeyeForConditionalGener
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.train(), processor
-
-
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a delta/checkpoint: a .safetensors file, or a folder holding weights.safetensors / trainable.safetensors
-    / model.safetensors (first found)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        for name in ("weights.safetensors", "trainable.safetensors", "model.safetensors"):
-            if (path / name).exists():
-                path = path / name
-                break
-        else:
-            raise ConfigError(path, "no weights.safetensors, trainable.safetensors or model.safetensors here")
-    if not path.exists():
-        raise ConfigError(path, "no such weights file")
-    return load_file(str(path))
 
 
 def special_token_ids(config: KeyeConfig) -> list[int]:
@@ -169,29 +126,9 @@ def inject_lora(model: KeyeForConditionalGeneration, cfg: LoraConfig) -> None:
     inject_adapter_in_model(peft_cfg, model.language_model)
 
 
-def _lora_layers(model: nn.Module):
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield name, module
-
-
-def lora_factors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{<module>.weight.lora_A: (r, in), <module>.weight.lora_B: (out, r) * scaling}`` of every LoRA layer."""
-    out = {}
-    for name, m in _lora_layers(model):
-        for adapter in m.lora_A:
-            a = m.lora_A[adapter].weight.detach()
-            b = m.lora_B[adapter].weight.detach() * m.scaling[adapter]
-            out[f"{name}.weight.lora_A"] = a.clone()
-            out[f"{name}.weight.lora_B"] = b.clone()
-    return out
-
-
 def merge_lora(model: nn.Module) -> None:
     """Fold every LoRA adapter into its base weight and put the plain ``nn.Linear`` back."""
-    for name, m in list(_lora_layers(model)):
+    for name, m in list(lora_layers(model)):
         m.merge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -224,93 +161,3 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig, config: KeyeConfig) -> lis
         weight.register_hook(lambda g: g * mask.to(g.dtype))
         weight._keye_rows = torch.tensor(special_token_ids(config))  # what `trained_delta` exports
     return names
-
-
-def trained_delta(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors as a delta file: trainable parameters, LoRA factors, and only the trained rows of a
-    row-masked embedding."""
-    out = lora_factors(model)
-    for name, p in model.named_parameters():
-        if not p.requires_grad or ".lora_" in name:
-            continue
-        rows = getattr(p, "_keye_rows", None)
-        if rows is not None:
-            out[f"{name}.rows"] = rows.clone()
-            out[f"{name}.row_values"] = p.detach()[rows].clone()
-        else:
-            out[name] = p.detach().clone()
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def apply_delta(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Apply a delta file (see the module docstring) to a plain (LoRA-free) Keye model: whole tensors first, then
-    rows, then LoRA products. Names the model lacks are errors."""
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    unknown = []
-
-    def target(name: str) -> torch.Tensor | None:
-        if name not in params:
-            unknown.append(name)
-            return None
-        return params[name]
-
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.endswith((".lora_A", ".lora_B", ".rows", ".row_values")):
-                continue
-            if (p := target(key)) is not None:
-                if p.shape != value.shape:
-                    raise ConfigError(key, f"shape {tuple(value.shape)} != model's {tuple(p.shape)}")
-                p.copy_(value)
-        for key, value in tensors.items():
-            if key.endswith(".rows") and (p := target(key[: -len(".rows")])) is not None:
-                p[value] = tensors[key[: -len(".rows")] + ".row_values"].to(p.dtype)
-        for key, value in tensors.items():
-            if key.endswith(".lora_A") and (p := target(key[: -len(".lora_A")])) is not None:
-                b = tensors[key[: -len(".lora_A")] + ".lora_B"]
-                p.add_((b.float() @ value.float()).to(p.dtype))  # (out, r) @ (r, in)
-    if unknown:
-        raise ConfigError(
-            "delta", f"tensors not in the model: {unknown[:8]}{'...' if len(unknown) > 8 else ''}"
-        )
-
-
-def compose_deltas(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One delta equal to applying ``deltas`` in order: later whole tensors and rows win (and drop earlier LoRA on
-    that tensor); LoRA pairs of several stages concatenate along the rank (B1 A1 + B2 A2 = [B1 B2] [A1; A2])."""
-    out: dict[str, torch.Tensor] = {}
-    for delta in deltas:
-        for key, value in delta.items():
-            if key.endswith((".lora_A", ".lora_B", ".rows", ".row_values")):
-                continue
-            out[key] = value
-            out.pop(f"{key}.lora_A", None)
-            out.pop(f"{key}.lora_B", None)
-        for key, value in delta.items():
-            if key.endswith(".rows"):
-                base = key[: -len(".rows")]
-                vals = delta[f"{base}.row_values"]
-                if base in out:  # a whole tensor already: write the rows into it
-                    out[base] = out[base].clone()
-                    out[base][value] = vals
-                    continue
-                rows = dict(
-                    zip(
-                        out.get(key, torch.empty(0, dtype=torch.long)).tolist(),
-                        out.get(f"{base}.row_values", []),
-                    )
-                )
-                rows.update(zip(value.tolist(), vals))
-                ids = sorted(rows)
-                out[key] = torch.tensor(ids, dtype=torch.long)
-                out[f"{base}.row_values"] = torch.stack([rows[i] for i in ids])
-            elif key.endswith(".lora_A"):
-                base = key[: -len(".lora_A")]
-                b = delta[f"{base}.lora_B"]
-                if f"{base}.lora_A" in out:
-                    out[f"{base}.lora_A"] = torch.cat([out[f"{base}.lora_A"], value], 0)  # (r1 + r2, in)
-                    out[f"{base}.lora_B"] = torch.cat([out[f"{base}.lora_B"], b], 1)  # (out, r1 + r2)
-                else:
-                    out[f"{base}.lora_A"], out[f"{base}.lora_B"] = value, b
-    return {k: v.contiguous() for k, v in out.items()}

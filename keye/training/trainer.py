@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from keye.deltas import trained_delta
 from keye.training.config import TrainConfig
 from keye.training.data import TrainStream
 from keye.training.losses import SigLIPHead, contrastive_loss, lm_loss_sum
-from keye.training.model import apply_freeze, inject_lora, load_model, merge_lora, trained_delta
+from keye.training.model import apply_freeze, inject_lora, load_model, merge_lora
 
 logger = logging.getLogger(__name__)
 
