@@ -281,20 +281,18 @@ def decode(
     return frames if size is None else (resize(f, size) for f in frames)
 
 
-def resize(frame, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
-    """A frame (array or PIL image) -> (h, w, 3) uint8 array of ``size`` = (h, w), with PIL's antialiased
-    ``bilinear`` or ``bicubic`` filter: the one resize of decoded frames (`decode`, `keye.encoders.slowfast`).
+def resize(frame: np.ndarray, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 of ``size`` = (h, w), with PIL's antialiased ``bilinear`` or ``bicubic``
+    filter: the one resize of decoded frames (`decode`, `keye.encoders.slowfast`); the frame itself when sizes agree.
 
     The reference's downscale for Slow-Fast features is torch's antialiased bilinear on uint8, a port of Pillow-SIMD's
     with differently rounded integer weights: about 0.1% of the pixels differ by one grey level."""
+    if frame.shape[:2] == tuple(size):
+        return frame
     from PIL import Image
 
-    if isinstance(frame, np.ndarray):
-        if frame.shape[:2] == tuple(size):
-            return frame
-        frame = Image.fromarray(frame)
     filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-    return np.asarray(frame.resize((size[1], size[0]), filters[resample]))
+    return np.asarray(Image.fromarray(frame).resize((size[1], size[0]), filters[resample]))
 
 
 def _decode_pyav(path: str, idx: VideoIndex, positions: np.ndarray) -> Iterator[np.ndarray]:

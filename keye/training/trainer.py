@@ -142,10 +142,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        model, self.processor, self.trainable = self._build_model()
+        model, self.processor = self._build_model()
         self.head = getattr(model, "head", None)
-        # names of the trained tensors, read before any engine wraps or shards the parameters
-        self.trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        # names of the trained tensors (the head's too), read before any engine wraps or shards the parameters
+        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         logger.info("trainable: %d of %d parameters (%d tensors)", n_train, n_all, len(self.trainable))
@@ -169,11 +169,11 @@ class Trainer:
 
     def _build_model(self):
         """The model as this run trains it, before any engine wraps it: loaded (``cfg.model``), adapters added,
-        freezing applied, the contrastive head attached. Returns (model, processor, trainable tensors)."""
+        freezing applied, the contrastive head attached. Returns (model, processor)."""
         cfg = self.cfg
         model, processor = load_model(cfg.model, seed=cfg.seed)
         self.add_adapters(model)
-        trainable = apply_freeze(model, cfg.freeze, model.config)
+        apply_freeze(model, cfg.freeze, model.config)
         if cfg.objective == "contrastive":
             c = cfg.contrastive
             torch.manual_seed(cfg.seed)
@@ -185,7 +185,7 @@ class Trainer:
                 c.init_temperature,
                 c.init_bias,
             )
-        return model, processor, trainable
+        return model, processor
 
     def _full_state(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state, gathered from every rank by accelerate (full tensors under DeepSpeed ZeRO-3 and
@@ -260,14 +260,12 @@ class Trainer:
             {"rng": _rng_state(), "position": self.position},
             tmp / f"rank{acc.process_index}.pt",
         )
-        if self._sharded:
-            acc.save_state(
-                str(tmp / "engine")
-            )  # optimizer and model shards as the engine keeps them, every rank
+        if self._sharded:  # optimizer and model shards as the engine keeps them, every rank
+            acc.save_state(str(tmp / "engine"))
         full = self._full_state()  # every rank takes part in the gathering
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {n: full[n].detach().cpu().contiguous() for n in self.trained_names}
+            state = {n: full[n].detach().cpu().contiguous() for n in self.trainable}
             save_file(state, str(tmp / "trainable.safetensors"))
             if not self._sharded:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -460,7 +458,7 @@ class Trainer:
         # A model of the run's own structure on the CPU, holding the gathered full tensors: the same export whatever
         # the engine (the trained module itself holds only this rank's shards under ZeRO-3 and FSDP).
         with torch.random.fork_rng(devices=[]):
-            model = self._build_model()[0]
+            model, _ = self._build_model()
         model.load_state_dict({k: v.detach().cpu() for k, v in full.items()})
         del full
         tmp = self.out / "final.tmp"
