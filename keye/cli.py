@@ -31,11 +31,11 @@ def _chat(args) -> int:
     _check_media(args.video, args.image)
     from keye import load_pretrained
     from keye.chat import ChatSession
+    from keye.encoders.slowfast import SlowFastConfig
+    from keye.flags import given
 
     model, processor = load_pretrained(args.model)
-    overrides = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
-    if args.token_budget is not None:
-        overrides["token_budget"] = args.token_budget
+    overrides = given(args, SlowFastConfig)
     if args.tools:
         return _chat_tools(args, model, processor)
     session = ChatSession(model, processor, think=args.think, compress=args.compress, **overrides)
@@ -107,19 +107,23 @@ def _chat_tools(args, model, processor) -> int:
 
 # ------------------------------------------------------------------------------------------------ frames
 _SETTINGS_NAMES = {"official": "Keye-VL-1.5's official settings (as keye-vl-utils 1.5.2)"}
+_FRAME_FLAG_HELP = {
+    "fps": "sampling rate (effective: min(fps, native fps))",
+    "max_frames": "cap on sampled frames",
+    "token_budget": "vision tokens for the whole video",
+    "enabled": "Slow-Fast selection (--no-slowfast: every frame slow, plain uniform sampling)",
+}
 
 
 def _frames(args) -> int:
     from dataclasses import asdict
 
     from keye.encoders.slowfast import SlowFastConfig, plan_video
+    from keye.flags import given
 
-    overrides = {"fps": args.fps, "max_frames": args.max_frames, "token_budget": args.token_budget}
+    overrides = given(args, SlowFastConfig)
     if args.model is None:  # Keye-VL-1.5's own settings, as keye-vl-utils applies them
-        cfg, source = (
-            SlowFastConfig.official(**{k: v for k, v in overrides.items() if v is not None}),
-            "official",
-        )
+        cfg, source = SlowFastConfig.official(**overrides), "official"
     else:
         from keye.settings import read_processor_settings
 
@@ -237,6 +241,8 @@ def layer_main(add_parser, prog: str, argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from keye.encoders import COMPRESSIONS  # light: no torch for `keye --help`
+    from keye.encoders.slowfast import SlowFastConfig
+    from keye.flags import add_flags
 
     parser = argparse.ArgumentParser(prog="keye", description="Keye-VL-style video-language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -256,9 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream", action=argparse.BooleanOptionalAction, default=True, help="stream tokens as generated"
     )
-    p.add_argument("--fps", type=float, help="video sampling rate (default: the model's, at most 2)")
-    p.add_argument("--max-frames", type=int, help="cap on sampled frames")
-    p.add_argument("--token-budget", type=int, help="vision token budget per video")
+    add_flags(
+        p,
+        SlowFastConfig,
+        only=("fps", "max_frames", "token_budget"),
+        help=_FRAME_FLAG_HELP,
+        show_defaults=False,
+    )
     p.add_argument(
         "--compress",
         choices=COMPRESSIONS,
@@ -279,9 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan as this model's processor does (keye-tiny or a model folder); default: Keye-VL-1.5's official "
         "settings, as keye-vl-utils. With --compress, the model that compresses (default keye-tiny)",
     )
-    p.add_argument("--fps", type=float, help="sampling rate (effective: min(fps, native fps); default 2)")
-    p.add_argument("--max-frames", type=int, help="cap on sampled frames (default 1365)")
-    p.add_argument("--token-budget", type=int, help="vision tokens for the whole video (default 65536)")
+    # every Slow-Fast setting as a flag (keye.encoders.slowfast.SlowFastConfig); the ones given replace the settings
+    # in force (the official ones, or --model's)
+    add_flags(p, SlowFastConfig, rename={"enabled": "slowfast"}, help=_FRAME_FLAG_HELP, show_defaults=False)
     p.add_argument(
         "--compress",
         choices=COMPRESSIONS,

@@ -201,7 +201,9 @@ class DPOTrainer(PostTrainer):
     def step_metrics(self) -> dict:
         """The step's preference statistics (pair-weighted over its micro-batches), then MPO's reward shift update."""
         n = sum(b for b, _ in self._step_stats)
-        keys = [k for k in self._step_stats[0][1] if k != "loss"]  # the loop's loss is over every rank's pairs
+        keys = [
+            k for k in self._step_stats[0][1] if k != "loss"
+        ]  # the loop's loss is over every rank's pairs
         out = {k: float(sum(b * float(s[k]) for b, s in self._step_stats) / n) for k in keys}
         if self.cfg.dpo.loss == "mpo":
             merged = [torch.cat(parts) for parts in zip(*self._step_logps)]

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from keye.flags import add_flags, given
 from keye.synthetic import DIRECTIONS
 
 __all__ = [
@@ -541,31 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m keye.pretrain.labels", description=__doc__.split("\n\n")[0]
     )
-    defaults = LabelsConfig()
-    parser.add_argument("--data", type=Path, default=defaults.data)
-    parser.add_argument("--out", type=Path, default=defaults.output_dir)
-    parser.add_argument("--image-steps", type=int, default=defaults.image_steps)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--position", type=float, default=defaults.position, help="see WordTargets")
-    parser.add_argument("--motion-steps", type=int, default=defaults.motion_steps)
-    parser.add_argument("--motion-readout", type=float, default=defaults.motion_readout)
+    add_flags(parser, LabelsConfig, rename={"output_dir": "out"}, help={"position": "see WordTargets"})
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train_labels(
-        LabelsConfig(
-            data=args.data,
-            output_dir=args.out,
-            image_steps=args.image_steps,
-            steps=args.steps,
-            batch=args.batch,
-            lr=args.lr,
-            position=args.position,
-            motion_steps=args.motion_steps,
-            motion_readout=args.motion_readout,
-        )
-    )
+    train_labels(LabelsConfig(**given(args, LabelsConfig)))
     return 0
 
 

@@ -205,3 +205,25 @@ def test_frames_dyntok_reports_fewer_tokens(sample_video):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["compress"] == "dyntok" and 0 < report["tokens_after_compression"] < report["total_tokens"]
+
+
+def test_frames_flags_come_from_the_slowfast_config(sample_video):
+    """Every SlowFastConfig field is a flag of `keye frames` (generated, not re-listed); the ones given replace the
+    settings in force and show in the JSON's ``settings``."""
+    from dataclasses import fields
+
+    from keye.cli import build_parser
+    from keye.encoders.slowfast import SlowFastConfig
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["frames"].format_help()
+    for f in fields(SlowFastConfig):
+        flag = "--slowfast" if f.name == "enabled" else "--" + f.name.replace("_", "-")
+        assert flag in help_text, flag
+    r = run_keye(
+        "frames", str(sample_video), "--json", "--no-slowfast", "--min-tokens", "16", "--model", "keye-tiny"
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["settings"]["enabled"] is False and report["settings"]["min_tokens"] == 16
+    assert report["settings"]["max_frames"] == 16  # the rest: keye-tiny's own settings
+    assert {f["kind"] for f in report["frames"]} == {"slow"}
