@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, TextIteratorStreamer
 
-from keye.compression import compress_inputs
+from keye.compression import compress_inputs, compressor
 from keye.modeling import KeyeForConditionalGeneration
 from keye.processing import VISION_INPUTS, KeyeProcessor, VideoInput
 
@@ -43,7 +43,7 @@ class ChatSession:
         self.model = model
         self.processor = processor
         self.think = think
-        self.compress = compress
+        self.compress = compressor(compress)  # chosen once: an unknown name fails here, not at the first turn
         self.video_overrides = video_overrides
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.ids = torch.zeros(

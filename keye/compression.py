@@ -210,26 +210,73 @@ def clapper_inputs(model, inputs) -> tuple[dict, list[ClapperOutput]]:
     return _rewrite(inputs, layout, frames, new, embeds), outputs
 
 
-def compress_inputs(model, inputs, method: str) -> tuple[dict, int]:
-    """Apply ``method`` ("none" | "dyntok" | "clapper") to a processed prompt; returns (inputs, video tokens after)."""
-    if method not in COMPRESSIONS:
+class Compressor:
+    """A token compression, chosen once by name (`compressor`): how it rewrites a processed prompt (`prompt`) and how
+    many tokens it leaves of a video's encoded frames (`count`). This base class is "none"."""
+
+    name = "none"
+
+    def prompt(self, model, inputs) -> dict:
+        """The processed prompt with the compression applied (``video_embeds`` replacing the video's pixels)."""
+        return dict(inputs)
+
+    def count(self, model, merged: torch.Tensor, tokens: torch.Tensor, grids: list[tuple[int, int]]) -> int:
+        """Tokens left of encoded frames: merged patch features, projected tokens and each frame's merged grid."""
+        return int(tokens.shape[0])
+
+
+class DynTok(Compressor):
+    name = "dyntok"
+
+    def prompt(self, model, inputs) -> dict:
+        return dyntok_inputs(model, inputs)[0]
+
+    def count(self, model, merged, tokens, grids) -> int:
+        return int(dyntok_frames(merged, tokens, grids).tokens_after)
+
+
+class Clapper(Compressor):
+    name = "clapper"
+
+    def prompt(self, model, inputs) -> dict:
+        return clapper_inputs(model, inputs)[0]
+
+    def count(self, model, merged, tokens, grids) -> int:
+        per_frame = list(tokens.split([h * w for h, w in grids]))
+        return int(clapper_module(model)(per_frame, grids).tokens.shape[0])
+
+
+_COMPRESSORS = {c.name: c for c in (Compressor, DynTok, Clapper)}
+assert tuple(_COMPRESSORS) == COMPRESSIONS  # the names a CLI lists without importing this module
+
+
+def compressor(method: str | Compressor) -> Compressor:
+    """The `Compressor` named ``method`` ("none" | "dyntok" | "clapper"; a `Compressor` is returned as it is)."""
+    if isinstance(method, Compressor):
+        return method
+    if method not in _COMPRESSORS:
         raise ValueError(f"unknown compression {method!r}; choose from {COMPRESSIONS}")
-    if method == "none" or "pixel_values_videos" not in inputs:
+    return _COMPRESSORS[method]()
+
+
+def compress_inputs(model, inputs, method: str | Compressor) -> tuple[dict, int]:
+    """Apply ``method`` to a processed prompt; returns (inputs, video tokens after)."""
+    method = compressor(method)
+    if method.name == "none" or "pixel_values_videos" not in inputs:
         n = int((inputs["input_ids"] == model.config.video_token_id).sum())
         return dict(inputs), n
-    out, _ = (dyntok_inputs if method == "dyntok" else clapper_inputs)(model, inputs)
+    out = method.prompt(model, inputs)
     return out, int(out["video_embeds"].shape[0])
 
 
 @torch.no_grad()
-def compressed_video_tokens(model, processor, video, method: str) -> int:
+def compressed_video_tokens(model, processor, video, method: str | Compressor) -> int:
     """Vision tokens of one planned video (`keye.processing.VideoInput`) after ``method``, with no prompt around it:
     the vision tower, projector and compressor only, so any video length works (``keye frames --compress``)."""
     from keye.encoders.slowfast import reference_frames
 
-    if method not in COMPRESSIONS:
-        raise ValueError(f"unknown compression {method!r}; choose from {COMPRESSIONS}")
-    if method == "none":
+    method = compressor(method)
+    if method.name == "none":
         return video.plan.total_tokens
     pixels, grids = processor.preprocess_video(video)
     inputs = {
@@ -238,7 +285,4 @@ def compressed_video_tokens(model, processor, video, method: str) -> int:
         "video_reference_index": torch.tensor(reference_frames(video.kinds), dtype=torch.long),
     }
     merged, tokens, merged_grids = _encode(model, inputs)
-    if method == "dyntok":
-        return int(dyntok_frames(merged, tokens, merged_grids).tokens_after)
-    per_frame = list(tokens.split([h * w for h, w in merged_grids]))
-    return int(clapper_module(model)(per_frame, merged_grids).tokens.shape[0])
+    return method.count(model, merged, tokens, merged_grids)

@@ -49,3 +49,13 @@ def test_stream_yields_the_reply(keye_tiny):
     assert len(pieces) >= 2
     assert "".join(pieces).strip() == session.last_reply.text
     assert ChatSession(model, processor).ask("Say hello.", max_new_tokens=8).text == session.last_reply.text
+
+
+def test_the_compression_is_chosen_once(keye_tiny):
+    import pytest
+
+    from keye.compression import Clapper
+
+    with pytest.raises(ValueError, match="unknown compression 'zip'"):
+        ChatSession(*keye_tiny, compress="zip")  # at creation, not at the first question
+    assert isinstance(ChatSession(*keye_tiny, compress="clapper").compress, Clapper)
