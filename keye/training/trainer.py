@@ -1,18 +1,21 @@
-"""The training loop every recipe shares: accelerate (DDP, DeepSpeed ZeRO via accelerate), exact resume, metrics.
+"""The training loop every recipe shares: accelerate (DDP, DeepSpeed ZeRO, FSDP), exact resume, metrics.
 
     trainer = Trainer(cfg)          # a TrainConfig (keye.training.config)
     trainer.setup(resume=True)      # model, LoRA, freezing, optimizer, schedule, data; the last checkpoint if any
     trainer.train()                 # max_steps optimizer steps; checkpoints every save_every; metrics.jsonl
     trainer.export()                # <output_dir>/final: weights.safetensors (delta file) + model/ (loadable folder)
 
-One optimizer step is ``grad_accum`` micro-batches on every rank; the LM loss is the sum of token losses divided by
-the number of trained tokens of the whole step (all micro-batches, all ranks), so packing, padding, accumulation and
-the world size do not change what is optimised.
+One optimizer step is ``grad_accum`` micro-batches on every rank; the loss is the sum over the step's units (trained
+tokens for the LM loss, pairs for DPO) divided by their number over the whole step (all micro-batches, all ranks), so
+packing, padding, accumulation and the world size do not change what is optimised. A recipe supplies its
+micro-batches and their summed loss (`Trainer` lists the hooks); the loop does the rest.
 
-Checkpoints (``<output_dir>/checkpoints/step-NNNNNN``) hold the trainable tensors, optimizer, schedule, every rank's
-RNG states and data position, and the metrics so far; they are written to ``step-NNNNNN.tmp`` and renamed, so a
-checkpoint folder either exists whole or not at all, and only the last ``keep_last`` are kept. Resuming restores all
-of it, so the loss curve continues exactly as an uninterrupted run (same seed, same world size).
+Checkpoints (``<output_dir>/checkpoints/step-NNNNNN``) hold the trained tensors full-size (gathered by accelerate,
+whatever the engine shards), the optimizer (under DeepSpeed and FSDP: the engine's own shards, in ``engine/``), the
+schedule, every rank's RNG states and data position, and the metrics so far; they are written to ``step-NNNNNN.tmp``
+and renamed, so a checkpoint folder either exists whole or not at all, and only the last ``keep_last`` are kept.
+Resuming restores all of it, so the loss curve continues exactly as an uninterrupted run (same seed, same world size,
+same engine).
 
 Not for: data processing (`keye.training.data`), what a stage freezes (the YAML), or the CLI (`keye.pretrain.cli`).
 """
