@@ -157,9 +157,10 @@ class DPOTrainer(PostTrainer):
 
     def _batch(self) -> dict:
         """The next ``pairs_per_step`` readable pairs: chosen rows first, then the rejected rows in the same order."""
-        pairs = []
+        pairs, acc = [], self.acc
         while len(pairs) < self.cfg.dpo.pairs_per_step:
-            p = self.stream.pair(self.position)
+            # this rank's pairs: every num_processes-th of the mix, from its own offset (``position`` counts its draws)
+            p = self.stream.pair(self.position * acc.num_processes + acc.process_index)
             self.position += 1
             if p is not None:
                 pairs.append(p)

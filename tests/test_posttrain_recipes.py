@@ -350,3 +350,25 @@ def test_preference_accumulation_is_one_large_batch(tiny, tmp_path, loss):
 
     trainer.shift.value = 0.0  # MPO's shift as it was during the step (updated after it)
     _assert_same_gradients(grads, _large_batch_gradients(start, batches, pair_loss_sum))
+
+
+def test_each_rank_draws_its_own_pairs(tiny, tmp_path):
+    """DPO under N processes: rank r takes pairs r, r + N, r + 2N, ... of the mix (not every rank the same ones)."""
+    import types
+
+    from keye.posttrain.dpo import DPOConfig, DPOTrainer
+
+    model_dir, data = tiny
+    path = ROOT / "configs" / "posttrain" / "dpo-tiny.yaml"
+    extra = ["dpo.pairs_per_step=2", "data.max_frames=2"]
+    trainer = DPOTrainer(
+        load_config(path, _tiny(path, model_dir, tmp_path, [data["pairs"]], *extra), cls=DPOConfig)
+    ).setup()
+    asked = []
+    pair = trainer.stream.pair
+    trainer.stream.pair = lambda i: asked.append(i) or pair(i)
+    for rank in (0, 1):
+        trainer.acc, trainer.position = types.SimpleNamespace(num_processes=2, process_index=rank), 0
+        trainer._batch()
+        trainer._batch()
+    assert asked == [0, 2, 4, 6, 1, 3, 5, 7]
