@@ -234,10 +234,11 @@ class PromptStream:
             for row in range(len(source)):
                 yield self.entry(s, row)
 
-    def next(self, position: int) -> tuple[int, tuple]:
-        """The first allowed prompt at or after ``position``, and the position after it."""
+    def next(self, position: int, rank: int = 0, world: int = 1) -> tuple[int, tuple]:
+        """The first allowed prompt at or after ``position``, and the position after it. Positions count one rank's
+        draws: rank r of ``world`` takes prompts r, r + world, r + 2 * world, ... of the mix."""
         for _ in range(100_000):
-            item = self.entry(*self.schedule(position))
+            item = self.entry(*self.schedule(position * world + rank))
             position += 1
             if self.allowed is None or item[0] in self.allowed:
                 return position, item
@@ -538,7 +539,9 @@ class RLTrainer(PostTrainer):
             model.eval()  # sampling: no dropout
             groups, rewards_all, successes_all, levels, n_replayed = [], [], [], [], 0
             for _ in range(rl.prompts_per_step):
-                self.position, (pid, messages, ref, hints) = self.stream.next(self.position)
+                self.position, (pid, messages, ref, hints) = self.stream.next(
+                    self.position, acc.process_index, acc.num_processes
+                )
                 hinted = sample_with_hints(
                     messages,
                     hints if rl.hints else {},

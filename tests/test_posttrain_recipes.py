@@ -372,3 +372,25 @@ def test_each_rank_draws_its_own_pairs(tiny, tmp_path):
         trainer._batch()
         trainer._batch()
     assert asked == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def test_each_rank_draws_its_own_prompts(tiny):
+    """GSPO under N processes: rank r samples prompts r, r + N, ... of the mix (not every rank the same ones)."""
+    from keye.posttrain.rl import RLConfig, RLTrainer
+
+    _register_parity()
+    model_dir, data = tiny
+    path = ROOT / "configs" / "posttrain" / "gspo-tiny.yaml"
+    cfg = load_config(path, [f"data.sources=[{{path: {data['rl']}, weight: 1}}]"], cls=RLConfig)
+    stream = RLTrainer(cfg).make_stream(None, cfg.data, None, cfg.seed)
+    ids = {rank: [] for rank in (0, 1)}
+    for rank in (0, 1):
+        position = 0
+        for _ in range(3):
+            position, (pid, *_) = stream.next(position, rank, 2)
+            ids[rank].append(pid)
+    single, position = [], 0
+    for _ in range(6):
+        position, (pid, *_) = stream.next(position)
+        single.append(pid)
+    assert ids[0] == single[0::2] and ids[1] == single[1::2]  # the two ranks split one process's draws
