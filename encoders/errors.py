@@ -9,8 +9,16 @@ re-exports them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-__all__ = ["KeyeInputError", "VideoDecodeError", "ImageLoadError", "ContextLengthError", "ConfigError"]
+__all__ = [
+    "KeyeInputError",
+    "VideoDecodeError",
+    "ImageLoadError",
+    "ContextLengthError",
+    "ConfigError",
+    "check_input_file",
+]
 
 _MAX_MESSAGE = 300  # characters of the message part; longer text (a library's log dump) is cut
 
@@ -51,3 +59,16 @@ class ContextLengthError(KeyeInputError):
 
 class ConfigError(KeyeInputError):
     """A configuration file or override is invalid (unknown key, wrong type)."""
+
+
+def check_input_file(path: str | os.PathLike, error: type[KeyeInputError], what: str) -> Path:
+    """``path`` when it is a non-empty file; else ``error`` naming it: no such file, a directory (not ``what``), an
+    empty file. The first check of every media file keye reads."""
+    p = Path(path)
+    if not p.exists():
+        raise error(path, "no such file")
+    if not p.is_file():
+        raise error(path, f"is a directory, not {what}" if p.is_dir() else "not a regular file")
+    if p.stat().st_size == 0:
+        raise error(path, "empty file (0 bytes)")
+    return p

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from keye.encoders.errors import ImageLoadError
+from keye.encoders.errors import ImageLoadError, check_input_file
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -30,11 +30,7 @@ def load_image(image: ImageInput) -> Image.Image:
         return _to_rgb(ImageOps.exif_transpose(image))
     if not isinstance(image, str | Path):
         raise TypeError(f"load_image takes a path, a PIL image or an array, got {type(image).__name__}")
-    path = Path(image)
-    if not path.is_file():
-        raise ImageLoadError(path, "no such file" if not path.exists() else "not a file")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(path, "empty file (0 bytes)")
+    path = check_input_file(image, ImageLoadError, "an image file")
     try:
         with warnings.catch_warnings():
             # A "possible decompression bomb" warning becomes an error: such an image is not model input.

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keye.encoders.errors import VideoDecodeError
+from keye.encoders.errors import VideoDecodeError, check_input_file
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +94,6 @@ def _import_av():
     return av
 
 
-def _check_file(path: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise VideoDecodeError(path, "no such file")
-    if p.is_dir():
-        raise VideoDecodeError(path, "is a directory, not a video file")
-    if p.stat().st_size == 0:
-        raise VideoDecodeError(path, "empty file (0 bytes)")
-
-
 def _short(err: Exception) -> str:
     """A library's error text without C++ log prefixes, timestamps and failed checks; one line, shortened."""
     text = (
@@ -145,7 +135,7 @@ def index(path: str | Path, backend: str = "auto") -> VideoIndex:
     (PyAV demuxes packets; decord builds its own index). A truncated file is indexed up to where it can be read."""
     path = str(path)
     backend = _backend(backend)
-    _check_file(path)
+    check_input_file(path, VideoDecodeError, "a video file")
     idx = _index_decord(path) if backend == "decord" else _index_pyav(path)
     if idx.height < 1 or idx.width < 1:
         raise VideoDecodeError(path, f"video stream has no frame size ({idx.width}x{idx.height})")
