@@ -65,7 +65,7 @@ def main(repeat: int = 3, frame_counts: tuple[int, ...] = (32, 64, 128)) -> dict
         prompts = {}  # Slow-Fast on or off -> processed prompt; DynTok and Clapper compress the Slow-Fast one
         for slowfast in (False, True):
             loaded = _timed(
-                times[slowfast, "decode"], processor.load_video, str(video), slowfast=slowfast, **settings
+                times[slowfast, "decode"], processor.load_video, str(video), enabled=slowfast, **settings
             )
             msgs = [{"role": "user", "content": [{"type": "video", "video": loaded},
                                                  {"type": "text", "text": "What happens?"}]}]  # fmt: skip

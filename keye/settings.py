@@ -65,7 +65,10 @@ class ProcessorSettings:
     def video_config(self, **overrides) -> SlowFastConfig:
         """``video`` with ``overrides`` (fps, max_frames, token_budget, ...: `SlowFastConfig` fields; ``None``
         values ignored) applied: what `KeyeProcessor.load_video` and ``keye frames --model`` plan with."""
-        return dataclasses.replace(self.video, **{k: v for k, v in overrides.items() if v is not None})
+        given = {
+            _FLAT_VIDEO_KEYS.get(k, k): v for k, v in overrides.items() if v is not None
+        }  # keye 0.1 names too
+        return dataclasses.replace(self.video, **given)
 
     @classmethod
     def from_dict(cls, d: dict) -> ProcessorSettings:

@@ -150,6 +150,7 @@ def test_settings_nest_the_slowfast_config_and_read_old_files():
     assert tiny.video_config(fps=1.0, token_budget=None) == SlowFastConfig(
         **{**asdict(tiny.video), "fps": 1.0}
     )
+    assert tiny.video_config(slowfast=False).enabled is False  # keye 0.1's name of the switch still works
     assert (
         ProcessorSettings.from_dict(json.loads(json.dumps(asdict(tiny)))) == tiny
     )  # the saved file round-trips
