@@ -556,6 +556,7 @@ def _label_stream(
     # bicubic resizes from the decoded frame, and the reference's budget rule need not shrink as slow frames come in:
     # either way the frames wait at native size for the final plan, as keye-vl-utils keeps them
     keep_native = cfg.resample == "bicubic" or cfg.budget_rule == "reference"
+    track_bound = keep_frames and not keep_native  # the bound only sizes frames kept while streaming
     batch: list[np.ndarray] = []
     done = 0
 
@@ -569,7 +570,7 @@ def _label_stream(
             done += 1
             if cfg.enabled and slow:
                 n_slow += 1
-                if n_slow > 1:
+                if n_slow > 1 and track_bound:
                     bound = _split_sizes(n_slow, n - n_slow, height, width, cfg)
             if keep_frames:
                 kept.append(frame if keep_native else resize(frame, bound[0] if slow else bound[1]))

@@ -106,7 +106,6 @@ def _chat_tools(args, model, processor) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ frames
-_SETTINGS_NAMES = {"official": "Keye-VL-1.5's official settings (as keye-vl-utils 1.5.2)"}
 _FRAME_FLAG_HELP = {
     "fps": "sampling rate (effective: min(fps, native fps))",
     "max_frames": "cap on sampled frames",
@@ -148,7 +147,8 @@ def _frames(args) -> int:
         print(json.dumps(report))
         return 0
     kinds = [f["kind"] for f in report["frames"]]
-    print(f"settings: {_SETTINGS_NAMES.get(source, f'{source} (its processor)')}")
+    official = "Keye-VL-1.5's official settings (as keye-vl-utils 1.5.2)"
+    print(f"settings: {official if source == 'official' else f'{source} (its processor)'}")
     print(
         f"{report['video']}: {report['duration']:.1f} s at {report['native_fps']:.2f} fps, sampled at "
         f"{report['sample_fps']:.2f} fps -> {len(kinds)} frames ({kinds.count('slow')} slow, {kinds.count('fast')} fast)"

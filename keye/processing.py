@@ -32,7 +32,7 @@ from keye.settings import (  # noqa: F401  (re-exported: the processor's setting
     OFFICIAL_SYSTEM,
     PROCESSOR_CONFIG,
     ProcessorSettings,
-    read_processor_settings,
+    folder_settings,
 )
 
 IGNORE_INDEX = -100
@@ -384,7 +384,7 @@ class KeyeProcessor:
         model folder: what the model was built with, whatever the caller remembers."""
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        settings = read_processor_settings(directory)
+        settings = folder_settings(directory)
         tps = 2.0
         if (directory / "config.json").exists():
             tps = KeyeConfig.from_pretrained(directory).tokens_per_second

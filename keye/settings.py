@@ -114,7 +114,7 @@ class ProcessorSettings:
 
 def read_processor_settings(name_or_path: str | Path) -> ProcessorSettings:
     """The settings model ``name_or_path`` (``keye-tiny`` or a model folder) gives its processor, without loading it:
-    keye-tiny's `TINY_SETTINGS`, a folder's ``keye_processor.json`` (defaults when it has none)."""
+    keye-tiny's `TINY_SETTINGS`, a model folder's `folder_settings`."""
     if str(name_or_path) == "keye-tiny":
         return ProcessorSettings.from_dict(TINY_SETTINGS)
     folder = Path(name_or_path)
@@ -122,7 +122,12 @@ def read_processor_settings(name_or_path: str | Path) -> ProcessorSettings:
         raise FileNotFoundError(
             f"{folder}: not a keye model folder (no config.json); use keye-tiny or a saved folder"
         )
-    path = folder / PROCESSOR_CONFIG
+    return folder_settings(folder)
+
+
+def folder_settings(folder: str | Path) -> ProcessorSettings:
+    """A folder's ``keye_processor.json`` (the defaults when it has none); what `KeyeProcessor.from_pretrained` reads."""
+    path = Path(folder) / PROCESSOR_CONFIG
     if not path.exists():
         return ProcessorSettings()
     try:
