@@ -537,3 +537,23 @@ def test_reference_frames_point_fast_frames_at_their_slow_frame():
     kinds = ["slow", "fast", "fast", "slow", "slow", "fast"]
     assert reference_frames(kinds) == [0, 0, 0, 2, 3, 4]  # first: itself; slow: the frame before
     assert reference_frames(["slow"]) == [0]
+
+
+def test_linspace_matches_torch():
+    """The reference picks frames with torch.linspace(0, N-1, n) in float32, rounded; keye reproduces it without
+    torch. Compared with torch itself: every n <= total < 200, and 5,000 random pairs up to 3 million frames."""
+    import torch
+
+    from keye.encoders.slowfast import _linspace_round
+
+    rng = np.random.default_rng(0)
+    pairs = [(t, n) for t in range(1, 200) for n in range(1, t + 1)]
+    pairs += [
+        (int(t), int(min(n, t)))
+        for t, n in zip(rng.integers(200, 3_000_000, 5000), rng.integers(1, 1366, 5000))
+    ]
+    for total, n in pairs:
+        expected = torch.linspace(0, total - 1, n, dtype=torch.float32).round().long().numpy()
+        np.testing.assert_array_equal(
+            _linspace_round(total - 1, n), expected, err_msg=f"{total} frames, {n} samples"
+        )
