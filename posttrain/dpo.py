@@ -199,7 +199,7 @@ class DPOTrainer(PostTrainer):
         self._step_stats.append((b, stats.as_dict()))
         return loss * b, b  # the pairs' mean loss, summed
 
-    def step_metrics(self) -> dict:
+    def step_metrics(self, window: list[dict]) -> dict:
         """The step's preference statistics (pair-weighted over its micro-batches), then MPO's reward shift update."""
         n = sum(b for b, _ in self._step_stats)
         keys = [

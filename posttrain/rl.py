@@ -1,21 +1,25 @@
 """GSPO reinforcement learning on image and video prompts with verifiable answers: ``keye rl --config ...``.
 
-One optimizer step::
+One optimizer step (on each rank)::
 
-    prompts_per_step prompts (chat manifests mixed by data.sources weights; the reference answer from ``meta``)
+    prompts_per_step prompts (chat manifests mixed by data.sources weights; the reference answer from ``meta``),
+      in grad_accum micro-batches; rank r of N takes prompts r, r + N, ... of the mix
       --sample_with_hints(sample_group)-->  G responses each, escalating the hint while the whole group fails
       --build_reward-->  rewards (G,)  --RLEP replay (optional)-->  + earlier successes, old log-probs recomputed
       --skip groups with equal rewards (zero advantages: nothing to learn)-->
-      --group_advantages, policy_logprobs, gspo_loss-->  backward (mean over groups), clip, AdamW step
+      --group_advantages, policy_logprobs, gspo_loss-->  backward (mean over every rank's groups), clip, AdamW step
+    (rl.updates_per_batch > 1: further optimizer steps on the same rollouts)
 
-The recipe is `PostTrainer` (the training core's `Trainer`) with its own ``train``: setup, freezing, LoRA, optimizer,
-schedule, atomic checkpoints, resume and export are the core's. Optionally, before training, each prompt's pass rate is
+The recipe is `PostTrainer` on the training core's loop (`Trainer.train`): it supplies micro-batches of sampled groups
+and their summed loss; accumulation, clipping, precision, schedule, atomic checkpoints, resume and export are the
+core's. Optionally, before training, each prompt's pass rate is
 measured (``rl.prefilter_samples`` responses) and only prompts solved sometimes but not always are kept
 (`filter_by_pass_rate`). Writes ``metrics.jsonl`` (reward, pass rate, hint levels, ratio and clip statistics per step),
 ``reward.png`` and, with ``rl.eval_manifest``, held-out greedy accuracy before and after (``eval.jsonl``).
 
-Limits: one process (sampling is per prompt; data parallel RL is future work); the replay buffer is not checkpointed
-(it restarts empty on resume).
+Limits: the replay buffer is not checkpointed (it restarts empty on resume); under N processes a rank whose groups all
+have equal rewards still runs one backward (weight 0), so AdamW's momentum moves the weights where one process would
+skip the step.
 
 Thyme tool use (``rl.tools.enabled``, `ToolsConfig`): each response is a multi-round conversation in which the model's
 ``<code>`` blocks run in the sandbox and their output comes back (`keye.posttrain.thyme`); text is sampled at
@@ -35,7 +39,6 @@ import json
 import logging
 import math
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,12 +187,11 @@ class RLConfig(PostTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        # An update here averages over the step's groups (rl.prompts_per_step) by itself; accelerate's accumulation
-        # would divide that loss again by grad_accum. Until GSPO runs on the core loop, refuse rather than mis-scale.
-        if self.grad_accum != 1:
+        # A step's rl.prompts_per_step prompts (on each rank) are split into grad_accum micro-batches.
+        if self.rl.prompts_per_step % self.grad_accum:
             raise ConfigError(
                 "grad_accum",
-                f"GSPO takes rl.prompts_per_step groups per update; grad_accum must be 1, got {self.grad_accum}",
+                f"must divide rl.prompts_per_step ({self.rl.prompts_per_step}), got {self.grad_accum}",
             )
 
 
@@ -510,119 +512,136 @@ class RLTrainer(PostTrainer):
         )
 
     def _log_eval(self, when: str, result: dict | None) -> None:
-        if result is None:
+        if result is None or not self.acc.is_main_process:
             return
         logger.info("held-out accuracy %s: %.3f (%d prompts)", when, result["accuracy"], result["n"])
         with open(self.out / "eval.jsonl", "a") as fh:
             fh.write(json.dumps({"when": when, "step": self.step, **result}) + "\n")
 
-    def _log_traces(self, rollout: ToolGroupRollout, rewards: list[float]) -> None:
-        """The step's first group of tool conversations, one JSON line each, to ``tool_traces.jsonl``."""
+    def _log_traces(self, rollout: ToolGroupRollout) -> None:
+        """A step's first group of tool conversations, one JSON line each, to ``tool_traces.jsonl``."""
         with open(self.out / "tool_traces.jsonl", "a") as fh:
             for trace, score in zip(rollout.traces, rollout.scores):
                 fh.write(json.dumps({"step": self.step, **score.as_dict(), "trace": trace.to_dict()}) + "\n")
 
-    def train(self) -> list[dict]:
-        from tqdm.auto import tqdm
+    # The core loop (`keye.training.Trainer.train`) owns accumulation, clipping, precision, schedule, checkpoints;
+    # this recipe supplies micro-batches of sampled groups and their GSPO loss summed over groups.
+    def micro_batches(self):
+        per_micro = self.cfg.rl.prompts_per_step // self.cfg.grad_accum
+        while True:
+            yield self._rollouts(per_micro)
 
-        cfg, rl, acc = self.cfg, self.cfg.rl, self.acc
+    def _rollouts(self, n_prompts: int) -> dict:
+        """``n_prompts`` prompts of this rank, each sampled as a group (hints escalated while the group fails,
+        RLEP replay mixed in), rewarded; ``kept``: the groups with something to learn."""
+        rl, acc = self.cfg.rl, self.acc
+        self._unwrapped().eval()  # sampling: no dropout
+        max_level = HintLevel[rl.max_hint_level.upper()]
+        batch = {"groups": [], "rewards": [], "successes": [], "levels": [], "replayed": 0, "stats": []}
+        for _ in range(n_prompts):
+            self.position, (pid, messages, ref, hints) = self.stream.next(
+                self.position, acc.process_index, acc.num_processes
+            )
+            hinted = sample_with_hints(
+                messages,
+                hints if rl.hints else {},
+                self._sample,
+                lambda g, ref=ref: [float(self.success(t, ref)) for t in g.texts],
+                max_level=max_level,
+                success_threshold=rl.success_threshold,
+                cumulative=rl.cumulative_hints,
+            )
+            rollout = hinted.group
+            rewards = self._rewards(rollout, ref)
+            batch["successes"].extend(hinted.rewards)
+            batch["rewards"].extend(rewards)
+            batch["levels"].append(int(hinted.level))
+            if self.replay is not None and hinted.level == HintLevel.NONE:
+                rollout, rewards, k = self._with_replay(pid, rollout, rewards)
+                batch["replayed"] += k
+            batch["groups"].append((rollout, rewards))
+        batch["kept"] = [
+            (r, w) for r, w in batch["groups"] if not (rl.skip_uniform_groups and max(w) == min(w))
+        ]
+        batch["num_tokens"] = sum(int(r.response_mask.sum()) for r, _ in batch["kept"])
+        if self.reference is not None:
+            with torch.no_grad():
+                for r, _ in batch["kept"]:
+                    r.ref_logps = policy_logprobs(self.reference, r)
+        return batch
+
+    def _count(self, batch: dict) -> int:
+        return len(batch["kept"])  # groups: the step's loss is the mean over its groups
+
+    def _micro_loss(self, batch: dict) -> tuple[torch.Tensor | None, int]:
+        rl, acc = self.cfg.rl, self.acc
+        groups, weight = batch["kept"], 1.0
+        if not groups:
+            if acc.num_processes == 1:
+                return None, 0  # no backward: the optimizer leaves the weights alone
+            # Other ranks may have groups to learn from: every rank runs a backward (the engine's gradient exchange
+            # is collective), this one with a zero weight.
+            groups, weight = batch["groups"][:1], 0.0
+        total = None
+        for rollout, rewards in groups:
+            adv = group_advantages(torch.tensor([rewards]))[0].to(acc.device)  # (G,)
+            new = policy_logprobs(self.model, rollout, acc.device)  # (G, R) with grad
+            loss, st = gspo_loss(
+                new,
+                rollout.old_logps.to(new.device),
+                adv,
+                rollout.response_mask.to(new.device),
+                eps_low=rl.eps_low,
+                eps_high=rl.eps_high,
+                variant=rl.variant,
+                kl_coef=rl.kl_coef,
+                ref_logps=rollout.ref_logps,
+            )
+            total = loss if total is None else total + loss
+            if weight:
+                batch["stats"].append(st)
+        return total * weight, len(batch["kept"])
+
+    def updates_per_step(self) -> int:
+        return self.cfg.rl.updates_per_batch
+
+    def step_metrics(self, window: list[dict]) -> dict:
+        rl = self.cfg.rl
+        rewards = [x for b in window for x in b["rewards"]]
+        successes = [x for b in window for x in b["successes"]]
+        levels = [x for b in window for x in b["levels"]]
+        groups = [g for b in window for g in b["groups"]]
+        stats = [st for b in window for st in b["stats"]]
+        lengths = [int(r.response_mask.sum(1).float().mean()) for r, _ in groups]
+        m = {
+            "reward_mean": sum(rewards) / len(rewards),
+            "pass_rate": sum(s >= rl.success_threshold for s in successes) / len(successes),
+            "hint_level_mean": sum(levels) / len(levels),
+            "hinted_share": sum(lv > 0 for lv in levels) / len(levels),
+            "groups_trained": sum(len(b["kept"]) for b in window),
+            "replayed": sum(b["replayed"] for b in window),
+            "response_len": sum(lengths) / len(lengths),
+        }
+        if stats:  # the last update's, when the rollouts served several
+            stats = stats[-len(stats) // self.updates_per_step() :]
+            for key in ("ratio_mean", "ratio_min", "ratio_max", "clip", "kl"):
+                m[key] = sum(getattr(s, key) for s in stats) / len(stats)
+        if rl.tools.enabled:
+            m.update(tool_metrics([r for r, _ in groups]))
+            if self.acc.is_main_process:
+                self._log_traces(groups[0][0])
+        return m
+
+    def train(self) -> list[dict]:
+        """The core loop, with held-out accuracy before and after (``rl.eval_manifest``) and ``reward.png``."""
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self._open_metrics()
         if self.step == 0:
             self._log_eval("before", self._evaluate())
-        model = self._unwrapped()
-        max_level = HintLevel[rl.max_hint_level.upper()]
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.name, dynamic_ncols=True)
-        start_time = time.perf_counter()
-        while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
-            model.eval()  # sampling: no dropout
-            groups, rewards_all, successes_all, levels, n_replayed = [], [], [], [], 0
-            for _ in range(rl.prompts_per_step):
-                self.position, (pid, messages, ref, hints) = self.stream.next(
-                    self.position, acc.process_index, acc.num_processes
-                )
-                hinted = sample_with_hints(
-                    messages,
-                    hints if rl.hints else {},
-                    self._sample,
-                    lambda g, ref=ref: [float(self.success(t, ref)) for t in g.texts],
-                    max_level=max_level,
-                    success_threshold=rl.success_threshold,
-                    cumulative=rl.cumulative_hints,
-                )
-                rollout = hinted.group
-                rewards = self._rewards(rollout, ref)
-                successes_all.extend(hinted.rewards)
-                rewards_all.extend(rewards)
-                levels.append(int(hinted.level))
-                if self.replay is not None and hinted.level == HintLevel.NONE:
-                    rollout, rewards, k = self._with_replay(pid, rollout, rewards)
-                    n_replayed += k
-                groups.append((rollout, rewards))
-            kept = [(r, w) for r, w in groups if not (rl.skip_uniform_groups and max(w) == min(w))]
-            ref_logps = {}
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_logps = {id(r): policy_logprobs(self.reference, r) for r, _ in kept}
-            model.train()
-            loss_value, stats, grad_norm = 0.0, [], None
-            for _ in range(rl.updates_per_batch if kept else 0):
-                total = 0.0
-                for rollout, rewards in kept:
-                    adv = group_advantages(torch.tensor([rewards]))[0].to(model.device)  # (G,)
-                    with acc.autocast():
-                        new = policy_logprobs(model, rollout)  # (G, R) with grad
-                    loss, st = gspo_loss(
-                        new,
-                        rollout.old_logps.to(new.device),
-                        adv,
-                        rollout.response_mask.to(new.device),
-                        eps_low=rl.eps_low,
-                        eps_high=rl.eps_high,
-                        variant=rl.variant,
-                        kl_coef=rl.kl_coef,
-                        ref_logps=ref_logps.get(id(rollout)),
-                    )
-                    acc.backward(loss / len(kept))  # the step's loss: mean over groups
-                    total += float(loss.detach()) / len(kept)
-                    stats.append(st)
-                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss_value = total
-            self.scheduler.step()
-            self.step += 1
-            lengths = [int(r.response_mask.sum(1).float().mean()) for r, _ in groups]
-            m = {
-                "step": self.step,
-                "loss": loss_value,
-                "reward_mean": sum(rewards_all) / len(rewards_all),
-                "pass_rate": sum(s >= rl.success_threshold for s in successes_all) / len(successes_all),
-                "hint_level_mean": sum(levels) / len(levels),
-                "hinted_share": sum(lv > 0 for lv in levels) / len(levels),
-                "groups_trained": len(kept),
-                "replayed": n_replayed,
-                "response_len": sum(lengths) / len(lengths),
-                "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "time_s": time.perf_counter() - start_time,
-                "step_s": time.perf_counter() - t0,
-            }
-            if stats:
-                for key in ("ratio_mean", "ratio_min", "ratio_max", "clip", "kl"):
-                    m[key] = sum(getattr(s, key) for s in stats) / len(stats)
-            if rl.tools.enabled:
-                m.update(tool_metrics([r for r, _ in groups]))
-                self._log_traces(groups[0][0], groups[0][1])
-            self._finish_step(
-                m, metrics_path, bar, reward=f"{m['reward_mean']:.3f}", loss=f"{loss_value:.4f}"
-            )
-        bar.close()
-        if self.metrics:
-            plot_rewards(self.metrics, self.out / "reward.png", cfg.name)
+        metrics = super().train()
+        if self.acc.is_main_process and metrics:
+            plot_rewards(metrics, self.out / "reward.png", self.cfg.name)
         self._log_eval("after", self._evaluate())
-        return self.metrics
+        return metrics
 
 
 def run(config: str | Path, overrides: list[str] | None = None, resume: bool = False) -> Path | None:

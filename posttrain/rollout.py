@@ -83,7 +83,8 @@ class GroupRollout:
     under the sampling policy at ``temperature`` (0 where masked); ``texts``: the decoded responses, special tokens and
     the end-of-sequence token removed; ``messages``: the prompt messages sampled from (with any hint);
     ``temperatures`` (G, R): each token's sampling temperature when it varied within a response (GRPO-ATS), which
-    then replaces ``temperature`` in `policy_logprobs`.
+    then replaces ``temperature`` in `policy_logprobs`; ``ref_logps`` (G, R): the reference policy's, when GSPO's KL
+    term needs them.
     """
 
     prompt: BatchFeature
@@ -94,6 +95,7 @@ class GroupRollout:
     temperature: float
     messages: list[dict] = field(default_factory=list)
     temperatures: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
@@ -130,12 +132,15 @@ class GroupRollout:
         return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
 
 
-def policy_logprobs(model: KeyeForConditionalGeneration, rollout: GroupRollout) -> torch.Tensor:
+def policy_logprobs(
+    model: KeyeForConditionalGeneration, rollout: GroupRollout, device: torch.device | None = None
+) -> torch.Tensor:
     """The model's log-probs of a rollout's response tokens ``(G, R)`` (0 where masked), with grad when enabled.
 
-    One forward over prompt + responses; logits are computed only for the last R + 1 positions.
+    One forward over prompt + responses; logits are computed only for the last R + 1 positions. ``device``: where
+    the inputs go when ``model`` is an engine's wrapper (DDP, DeepSpeed), which has no ``.device``.
     """
-    inputs = rollout.model_inputs(model.device)
+    inputs = rollout.model_inputs(device or model.device)
     r = rollout.response_ids.shape[1]
     logits = model(**inputs, logits_to_keep=r + 1).logits  # (G, R+1, V): positions P-1 .. P+R-1
     ids = inputs["input_ids"][:, -(r + 1) :]  # (G, R+1)

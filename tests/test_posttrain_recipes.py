@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from keye.errors import ConfigError
 from keye.training import load_config
 from keye.training.testing import make_tiny_data, make_tiny_model_folder
 
@@ -350,6 +351,59 @@ def test_preference_accumulation_is_one_large_batch(tiny, tmp_path, loss):
 
     trainer.shift.value = 0.0  # MPO's shift as it was during the step (updated after it)
     _assert_same_gradients(grads, _large_batch_gradients(start, batches, pair_loss_sum))
+
+
+@pytest.mark.parametrize("kl", [0.0, 0.1])
+def test_gspo_accumulation_is_one_large_batch(tiny, tmp_path, kl):
+    """Four prompts in two micro-batches give the gradient of the mean GSPO loss over all their groups (and of the
+    KL term to the reference, when on)."""
+    import copy
+
+    from keye.posttrain.rl import RLConfig, RLTrainer
+
+    _register_parity()
+    model_dir, data = tiny
+    path = ROOT / "configs" / "posttrain" / "gspo-tiny.yaml"
+    extra = [
+        "rl.group_size=4",
+        "rl.prompts_per_step=4",
+        "rl.max_new_tokens=6",
+        "rl.rewards=[{name: test_parity, weight: 1.0}]",
+        "rl.success=test_parity",
+        f"rl.kl_coef={kl}",
+        "rl.eval_manifest=null",
+        "rl.replay_per_prompt=0",
+        "data.max_frames=2",
+        "max_steps=1",
+        "grad_accum=2",
+        "optim.max_grad_norm=1e9",
+    ]
+    cfg = load_config(path, _tiny(path, model_dir, tmp_path, [data["rl"]], *extra), cls=RLConfig)
+    torch.manual_seed(0)
+    trainer = RLTrainer(cfg).setup()
+    start = copy.deepcopy(trainer._unwrapped()).train()
+    batches, grads = _record_step(trainer)
+    assert [len(b["groups"]) for b in batches] == [2, 2]
+    assert sum(len(b["kept"]) for b in batches) >= 2  # groups to learn from (else the test would compare nothing)
+
+    def group_loss_sum(model, batch):  # the recipe's loss with `model` as the policy
+        policy = trainer.model
+        trainer.model = model
+        try:
+            loss, count = trainer._micro_loss(batch)
+            return (loss if loss is not None else 0.0), count
+        finally:
+            trainer.model = policy
+
+    _assert_same_gradients(grads, _large_batch_gradients(start, batches, group_loss_sum))
+
+
+def test_gspo_grad_accum_must_divide_the_prompts(tiny):
+    from keye.posttrain.rl import RLConfig
+
+    path = ROOT / "configs" / "posttrain" / "gspo-tiny.yaml"
+    with pytest.raises(ConfigError, match="grad_accum"):
+        load_config(path, ["rl.prompts_per_step=3", "grad_accum=2"], cls=RLConfig)
 
 
 def test_each_rank_draws_its_own_pairs(tiny, tmp_path):

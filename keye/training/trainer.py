@@ -105,10 +105,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    """Setup, train, save, export: the one loop of the pretraining stages, SFT and DPO/MPO.
+    """Setup, train, save, export: the one loop of the pretraining stages, SFT, DPO/MPO and GSPO (Thyme too).
 
     A recipe overrides what it supplies (`make_stream`, `micro_batches`, `_count`, `_micro_loss`, `step_metrics`,
-    `add_adapters`); the loop owns accumulation, clipping, mixed precision, schedule, logging and checkpoints."""
+    `updates_per_step`, `add_adapters`); the loop owns accumulation, clipping, mixed precision, schedule, logging and checkpoints."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -335,15 +335,20 @@ class Trainer:
             return batch["input_ids"].shape[0]
         return int((batch["labels"][:, 1:] != -100).sum())
 
-    def _micro_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
-        """The loss of ``batch`` summed over its `_count` units (contrastive: already a mean, see `train`)."""
+    def _micro_loss(self, batch: dict) -> tuple[torch.Tensor | None, int]:
+        """The loss of ``batch`` summed over its `_count` units (contrastive: already a mean, see `train`); None when
+        the micro-batch has nothing to learn (no backward then; only a recipe that can say so on one process)."""
         if self.cfg.objective == "contrastive":
             return contrastive_loss(self.model, self.head, batch)
         return lm_loss_sum(self.model, batch)
 
-    def step_metrics(self) -> dict:
-        """A recipe's own metrics of the step just taken (called after the optimizer step)."""
+    def step_metrics(self, window: list[dict]) -> dict:
+        """A recipe's own metrics of the step just taken on ``window`` (its micro-batches), after the update."""
         return {}
+
+    def updates_per_step(self) -> int:
+        """Optimizer steps taken on one window of micro-batches (GSPO may reuse its rollouts; default 1)."""
+        return 1
 
     def _open_metrics(self) -> Path:
         """``metrics.jsonl`` rewritten from ``self.metrics``: after a resume, steps past the checkpoint are dropped."""
@@ -379,37 +384,37 @@ class Trainer:
         )
         metrics_path = self._open_metrics()
         start_time = time.perf_counter()
-        self.model.train()
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             window = [next(batches) for _ in range(cfg.grad_accum)]
+            self.model.train()  # after the window: a recipe may sample its micro-batches in eval mode
             local = torch.tensor(
                 [sum(self._count(b) for b in window), sum(int(b["num_tokens"]) for b in window)],
                 dtype=torch.float64,
             )
             total = acc.reduce(local.to(acc.device), reduction="sum").cpu()  # units, tokens: all ranks
             denom = max(float(total[0]), 1.0)
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            # accelerate divides by grad_accum and DDP averages over ranks: undo both, so the gradient is that of
+            # (sum over the step's units) / (the step's unit count). Contrastive: mean over micro-batches and ranks.
+            scale = acc.num_processes * cfg.grad_accum / denom if cfg.objective != "contrastive" else 1.0
             grad_norm = None
-            for batch in window:
-                with acc.accumulate(self.model):
-                    with acc.autocast():
-                        loss, _ = self._micro_loss(batch)
-                    # accelerate divides by grad_accum and DDP averages over ranks: undo both, so the gradient is
-                    # that of (sum over the step's units) / (the step's unit count).
-                    scale = (
-                        acc.num_processes * cfg.grad_accum / denom
-                        if cfg.objective != "contrastive"
-                        else 1.0  # contrastive: mean over micro-batches and ranks
-                    )
-                    acc.backward(loss * scale)
-                    loss_sum += loss.detach().double().cpu()
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
-                        self.optimizer.step()
-                        self.scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-            total_loss = acc.reduce(loss_sum.to(acc.device), reduction="sum").cpu()
+            for _ in range(self.updates_per_step()):  # one optimizer step each, on the same window
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for batch in window:
+                    with acc.accumulate(self.model):
+                        with acc.autocast():
+                            loss, _ = self._micro_loss(batch)
+                        if (
+                            loss is not None
+                        ):  # None: nothing to learn from this micro-batch (see `_micro_loss`)
+                            acc.backward(loss * scale)
+                            loss_sum += loss.detach().double().cpu()
+                        if acc.sync_gradients:
+                            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()  # the schedule counts steps
+            total_loss = acc.reduce(loss_sum.to(acc.device), reduction="sum").cpu()  # the last update's
             loss_value = float(
                 total_loss / denom
                 if cfg.objective != "contrastive"
@@ -425,7 +430,7 @@ class Trainer:
                 "tokens": int(total[1]),
                 "tokens_per_s": float(total[1]) / dt,
                 "time_s": time.perf_counter() - start_time,
-                **self.step_metrics(),
+                **self.step_metrics(window),
             }
             self._finish_step(
                 m, metrics_path, bar, loss=f"{loss_value:.4f}", tok_s=f"{m['tokens_per_s']:.0f}"
@@ -438,8 +443,8 @@ class Trainer:
 
     def report_skipped(self) -> None:
         """Warn about samples the stream had to skip (unreadable media, too long)."""
-        s = self.stream.stats
-        if s.skipped_media or s.skipped_too_long:
+        s = getattr(self.stream, "stats", None)
+        if s is not None and (s.skipped_media or s.skipped_too_long):
             logger.warning(
                 "skipped %d samples with unreadable media, %d longer than data.max_length",
                 s.skipped_media,
