@@ -181,7 +181,7 @@ class DPOTrainer(PostTrainer):
         b = self._count(batch)
         with torch.no_grad(), acc.autocast():
             ref_lp, _ = sequence_logps(self.reference, batch)
-        lp, lengths = sequence_logps(self.model, batch)
+        lp, lengths = self.forward(lambda m: sequence_logps(m, batch))
         logps = (lp[:b], lp[b:], ref_lp[:b].to(lp.device), ref_lp[b:].to(lp.device))
         if d.loss == "dpo":
             loss, stats = dpo_loss(*logps, beta=d.beta)

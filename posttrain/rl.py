@@ -585,7 +585,7 @@ class RLTrainer(PostTrainer):
         total = None
         for rollout, rewards in groups:
             adv = group_advantages(torch.tensor([rewards]))[0].to(acc.device)  # (G,)
-            new = policy_logprobs(self.model, rollout, acc.device)  # (G, R) with grad
+            new = self.forward(lambda m, r=rollout: policy_logprobs(m, r))  # (G, R) with grad
             loss, st = gspo_loss(
                 new,
                 rollout.old_logps.to(new.device),

@@ -132,15 +132,12 @@ class GroupRollout:
         return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
 
 
-def policy_logprobs(
-    model: KeyeForConditionalGeneration, rollout: GroupRollout, device: torch.device | None = None
-) -> torch.Tensor:
+def policy_logprobs(model: KeyeForConditionalGeneration, rollout: GroupRollout) -> torch.Tensor:
     """The model's log-probs of a rollout's response tokens ``(G, R)`` (0 where masked), with grad when enabled.
 
-    One forward over prompt + responses; logits are computed only for the last R + 1 positions. ``device``: where
-    the inputs go when ``model`` is an engine's wrapper (DDP, DeepSpeed), which has no ``.device``.
+    One forward over prompt + responses; logits are computed only for the last R + 1 positions.
     """
-    inputs = rollout.model_inputs(device or model.device)
+    inputs = rollout.model_inputs(model.device)
     r = rollout.response_ids.shape[1]
     logits = model(**inputs, logits_to_keep=r + 1).logits  # (G, R+1, V): positions P-1 .. P+R-1
     ids = inputs["input_ids"][:, -(r + 1) :]  # (G, R+1)

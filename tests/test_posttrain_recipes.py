@@ -14,6 +14,7 @@ import torch
 from keye.errors import ConfigError
 from keye.training import load_config
 from keye.training.testing import make_tiny_data, make_tiny_model_folder
+from keye.training.trainer import EngineModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "posttrain").glob("*.yaml")) + sorted(
@@ -343,7 +344,7 @@ def test_preference_accumulation_is_one_large_batch(tiny, tmp_path, loss):
 
     def pair_loss_sum(model, batch):  # the recipe's loss with `model` as the policy
         policy = trainer.model
-        trainer.model = model
+        trainer.model = EngineModule(model)
         try:
             return trainer._micro_loss(batch)
         finally:
@@ -384,11 +385,13 @@ def test_gspo_accumulation_is_one_large_batch(tiny, tmp_path, kl):
     start = copy.deepcopy(trainer._unwrapped()).train()
     batches, grads = _record_step(trainer)
     assert [len(b["groups"]) for b in batches] == [2, 2]
-    assert sum(len(b["kept"]) for b in batches) >= 2  # groups to learn from (else the test would compare nothing)
+    assert (
+        sum(len(b["kept"]) for b in batches) >= 2
+    )  # groups to learn from (else the test would compare nothing)
 
     def group_loss_sum(model, batch):  # the recipe's loss with `model` as the policy
         policy = trainer.model
-        trainer.model = model
+        trainer.model = EngineModule(model)
         try:
             loss, count = trainer._micro_loss(batch)
             return (loss if loss is not None else 0.0), count

@@ -40,12 +40,6 @@ def _keep_hidden(model: nn.Module, keep: torch.Tensor):
         handle.remove()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module"):  # DDP / DeepSpeed engines
-        model = model.module
-    return model
-
-
 def lm_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """``(sum of next-token cross-entropies over trained labels, number of trained labels)`` for one micro-batch."""
     device = next(model.parameters()).device
@@ -54,7 +48,7 @@ def lm_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != IGNORE_INDEX
     n = int(keep.sum())
-    with _keep_hidden(_unwrap(model), keep):
+    with _keep_hidden(model, keep):
         logits = model(**model_inputs(batch, device), use_cache=False).logits  # (1, K, V)
     loss = F.cross_entropy(logits[0].float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
     return loss, n
@@ -89,23 +83,22 @@ def contrastive_loss(model: nn.Module, head: SigLIPHead, batch: dict) -> tuple[t
     The text tower is the language model's token embedding, mean-pooled: cheap, and enough to name the attributes a
     caption lists. Returns ``(mean loss over the B x B pairs, B)``.
     """
-    m = _unwrap(model)
-    device = next(m.parameters()).device
+    device = next(model.parameters()).device
     n = batch["input_ids"].shape[0]
-    vis = torch.zeros(n, m.config.vision.hidden_size, device=device)
+    vis = torch.zeros(n, model.config.vision.hidden_size, device=device)
     count = torch.zeros(n, 1, device=device)
     for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
         if batch.get(pix) is None:
             continue
         g = batch[grid].to(device)
-        feats = m.vision(batch[pix].to(device), g).float()  # (N, D_vit)
+        feats = model.vision(batch[pix].to(device), g).float()  # (N, D_vit)
         owner = batch[grid + "_owner"].to(device)
         vis = vis + _pool(feats, g, owner, n) * torch.bincount(owner, minlength=n).clamp(max=1)[:, None]
         count = count + torch.bincount(owner, minlength=n).clamp(max=1)[:, None]
     vis = vis / count.clamp(min=1)
     labels = batch["labels"].to(device)
     mask = (labels != IGNORE_INDEX).float()[..., None]  # (B, T, 1)
-    emb = m.language_model.embed_tokens(labels.clamp(min=0)).float()  # (B, T, D_llm)
+    emb = model.language_model.embed_tokens(labels.clamp(min=0)).float()  # (B, T, D_llm)
     txt = (emb * mask).sum(1) / mask.sum(1).clamp(min=1)
     zi = F.normalize(head.vision_proj(vis), dim=-1)
     zt = F.normalize(head.text_proj(txt), dim=-1)

@@ -104,6 +104,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class EngineModule(torch.nn.Module):
+    """What the engine (DDP, DeepSpeed, FSDP) wraps: the model, run through a recipe's function in ``forward``.
+
+    ``engine(fn)`` returns ``fn(model)``: every loss (the LM forward, Stage 0's vision-only objectives, DPO's and
+    GSPO's log-probs) goes through the wrapper's forward, which is where DDP arms its gradient exchange and FSDP
+    gathers its root parameters; a loss that called a sub-module of the bare model would train each rank alone."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn(self.model)
+
+
 class Trainer:
     """Setup, train, save, export: the one loop of the pretraining stages, SFT, DPO/MPO and GSPO (Thyme too).
 
@@ -146,7 +161,6 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         model, self.processor = self._build_model()
-        self.head = getattr(model, "head", None)
         # names of the trained tensors (the head's too), read before any engine wraps or shards the parameters
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -159,7 +173,7 @@ class Trainer:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
         # The schedule stays outside accelerate, which would step it once per process: it counts optimizer steps.
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = acc.prepare(EngineModule(model), optimizer)
         self.scheduler = scheduler
         if resume:
             ckpt = latest_checkpoint(self.out)
@@ -172,15 +186,19 @@ class Trainer:
 
     def _build_model(self):
         """The model as this run trains it, before any engine wraps it: loaded (``cfg.model``), adapters added,
-        freezing applied, the contrastive head attached. Returns (model, processor)."""
-        cfg = self.cfg
-        model, processor = load_model(cfg.model, seed=cfg.seed)
+        freezing applied, a head attached (`add_head`). Returns (model, processor)."""
+        model, processor = load_model(self.cfg.model, seed=self.cfg.seed)
         self.add_adapters(model)
-        apply_freeze(model, cfg.freeze, model.config)
-        if cfg.objective == "contrastive":
-            c = cfg.contrastive
-            torch.manual_seed(cfg.seed)
-            # a sub-module, so DDP/DeepSpeed/FSDP see and sync it
+        apply_freeze(model, self.cfg.freeze, model.config)
+        torch.manual_seed(self.cfg.seed)
+        self.add_head(model)
+        return model, processor
+
+    def add_head(self, model) -> None:
+        """Attach a training head as ``model.head`` (a sub-module, so every engine sees and syncs it; kept out of
+        the exported weights). Default: the SigLIP head of ``objective: contrastive``."""
+        if self.cfg.objective == "contrastive":
+            c = self.cfg.contrastive
             model.head = SigLIPHead(
                 model.config.vision.hidden_size,
                 model.config.text.hidden_size,
@@ -188,13 +206,14 @@ class Trainer:
                 c.init_temperature,
                 c.init_bias,
             )
-        return model, processor
 
     def _full_state(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state, gathered from every rank by accelerate (full tensors under DeepSpeed ZeRO-3 and
         FSDP too, where each rank holds only a shard); on the main process, None elsewhere. Every rank must call it."""
         state = self.acc.get_state_dict(self.model)
-        return state if self.acc.is_main_process else None
+        if not self.acc.is_main_process:
+            return None
+        return {k.removeprefix("model."): v for k, v in state.items()}  # the `EngineModule`'s prefix
 
     @property
     def _sharded(self) -> bool:
@@ -244,7 +263,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _unwrapped(self):
-        return self.acc.unwrap_model(self.model)
+        """The bare model (what `EngineModule` holds), e.g. for generation."""
+        return self.acc.unwrap_model(self.model).model
+
+    def forward(self, fn):
+        """``fn(model)`` through the engine's forward (`EngineModule`): how every recipe computes its loss."""
+        return self.model(fn)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically (temporary folder, then rename) and prune to ``keep_last``."""
@@ -330,17 +354,18 @@ class Trainer:
             yield batch
 
     def _count(self, batch: dict) -> int:
-        """Units of ``batch`` the loss is averaged over (default: trained tokens; contrastive: pairs)."""
+        """Units of ``batch`` the loss is averaged over (default: trained tokens; contrastive: the micro-batch, whose
+        loss is already a mean over its pairs)."""
         if self.cfg.objective == "contrastive":
-            return batch["input_ids"].shape[0]
+            return 1
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def _micro_loss(self, batch: dict) -> tuple[torch.Tensor | None, int]:
-        """The loss of ``batch`` summed over its `_count` units (contrastive: already a mean, see `train`); None when
+        """The loss of ``batch`` summed over its `_count` units, computed through `forward`; None when
         the micro-batch has nothing to learn (no backward then; only a recipe that can say so on one process)."""
         if self.cfg.objective == "contrastive":
-            return contrastive_loss(self.model, self.head, batch)
-        return lm_loss_sum(self.model, batch)
+            return self.forward(lambda m: contrastive_loss(m, m.head, batch))
+        return self.forward(lambda m: lm_loss_sum(m, batch))
 
     def step_metrics(self, window: list[dict]) -> dict:
         """A recipe's own metrics of the step just taken on ``window`` (its micro-batches), after the update."""
@@ -395,8 +420,8 @@ class Trainer:
             total = acc.reduce(local.to(acc.device), reduction="sum").cpu()  # units, tokens: all ranks
             denom = max(float(total[0]), 1.0)
             # accelerate divides by grad_accum and DDP averages over ranks: undo both, so the gradient is that of
-            # (sum over the step's units) / (the step's unit count). Contrastive: mean over micro-batches and ranks.
-            scale = acc.num_processes * cfg.grad_accum / denom if cfg.objective != "contrastive" else 1.0
+            # (sum over the step's units) / (the step's unit count).
+            scale = acc.num_processes * cfg.grad_accum / denom
             grad_norm = None
             for _ in range(self.updates_per_step()):  # one optimizer step each, on the same window
                 loss_sum = torch.zeros((), dtype=torch.float64)
@@ -415,11 +440,7 @@ class Trainer:
                             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()  # the schedule counts steps
             total_loss = acc.reduce(loss_sum.to(acc.device), reduction="sum").cpu()  # the last update's
-            loss_value = float(
-                total_loss / denom
-                if cfg.objective != "contrastive"
-                else total_loss / (acc.num_processes * cfg.grad_accum)
-            )
+            loss_value = float(total_loss / denom)
             self.step += 1
             dt = time.perf_counter() - t0
             m = {
