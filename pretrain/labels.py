@@ -29,20 +29,22 @@ moving frames' tokens (79% of frames, tokens averaged) are nearest to their true
 (``motion_readout``) 0.1 / 0.2 / 0.3: 76 / 79 / 78% of tokens, 88 / 92 / 93% of frames, for a shape readout of 88 / 87 /
 86% (93% without it); no other frame's token is nearer a direction word than its colour word (0.3% at 0.2).
 
-    python -m keye.pretrain.labels --data runs/keye-tiny/data --out runs/keye-tiny/stage0
+Both phases are pretraining stages on the core loop (``recipe: labels``, `LabelTrainer`), resumable like the others:
 
-writes ``<out>/tower`` after the label phases, then ``<out>/final/weights.safetensors`` (vision tower and projector as
-a delta file, what the later stages' ``init_from`` reads), ``metrics.jsonl``, and held-out accuracies in each folder's
-``eval.json``.
+    keye pretrain --config configs/pretrain/stage0_tiny.yaml          # label phases -> runs/keye-tiny/stage0-tower
+    keye pretrain --config configs/pretrain/stage0_motion_tiny.yaml   # motion phase -> runs/keye-tiny/stage0
+
+Each writes ``<output_dir>/final/weights.safetensors`` (the tower and projector, then the projector: delta files the
+later stages' ``init_from`` read in that order), ``metrics.jsonl`` and the held-out scores in ``final/eval.json``.
+The figures above were measured with Stage 0's own loop before it moved onto the core's (same losses and data; the
+core's schedule warms up then decays, where the old one multiplied the two, and its weight decay skips vectors).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,16 +52,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from keye.flags import add_flags, given
+from keye.errors import ConfigError, KeyeInputError
 from keye.synthetic import DIRECTIONS
+from keye.training import Trainer
+from keye.training.config import TrainConfig
 
 __all__ = [
     "LabelHeads",
+    "LabelObjective",
+    "LabelTrainer",
     "LabelsConfig",
     "WordTargets",
+    "cached_examples",
     "prepare_examples",
     "token_targets",
-    "train_labels",
     "word_readout",
 ]
 
@@ -69,24 +75,41 @@ MAX_COUNT = 4
 
 
 @dataclass
-class LabelsConfig:
-    data: Path = Path("runs/keye-tiny/data")
-    output_dir: Path = Path("runs/keye-tiny/stage0")
-    # first still images only (<data>/stage0/image), where the tower learns the shapes; then the videos and images of
-    # the LLM stages (Slow-Fast frames, H.264, counts per frame)
-    image_steps: int = 2500
-    steps: int = 400
-    batch: int = 32  # media (videos or images) per step
-    lr: float = 1e-3
-    warmup: int = 20
-    seed: int = 0
-    held_out: int = 100  # media kept for the accuracy report
+class LabelObjective:
+    """Stage 0's ``labels:`` section: which media the tokens learn from, and what they learn."""
+
+    data: str = "runs/keye-tiny/data"  # <data>/{video,image}/samples.jsonl: the later stages' media (Slow-Fast frames)
+    images: str | None = (
+        "runs/keye-tiny/data/stage0"  # <images>/image/samples.jsonl: still images, trained on first
+    )
+    image_steps: int = 2500  # optimizer steps on ``images`` before those on ``data`` (0: none)
+    batch: int = 32  # media (videos or images) per micro-batch
+    held_out: int = 100  # media of ``data`` kept out of training for the report in ``final/eval.json``
     min_share: float = 0.2  # a token shows an object when it holds at least this share of the object's pixels
     position: float = 0.5  # weight of the token's place in the projector's target (`WordTargets`)
-    # then the projector alone (tower frozen, its temporal branch included) learns motion: a frame's tokens also say
-    # the direction its scene moves in since the reference frame, and no longer their place
-    motion_steps: int = 1500
-    motion_readout: float = 0.2  # weight of a loss on reading the direction word (`_motion_readout_loss`)
+    # The motion phase: no label heads; the projector, its temporal branch included, learns targets in which a
+    # frame's tokens also hold the direction word of its scene's motion since the reference frame, and no place.
+    motion: bool = False
+    motion_readout: float = 0.2  # weight of the direction-word readout loss (`_motion_readout_loss`)
+
+    def __post_init__(self):
+        if self.batch < 1 or self.held_out < 0 or self.image_steps < 0:
+            raise ConfigError("labels", "batch must be >= 1, held_out and image_steps >= 0")
+        if self.image_steps and not self.images:
+            raise ConfigError("labels.images", "image_steps > 0 needs a folder of still images")
+        if self.motion and (self.position or self.image_steps):
+            raise ConfigError(
+                "labels.motion", "the motion phase learns no places and no images: position 0, image_steps 0"
+            )
+
+
+@dataclass
+class LabelsConfig(TrainConfig):
+    """One Stage 0 phase (``recipe: labels``, run by ``keye pretrain``): the core's run settings (model, freeze,
+    optim, precision, checkpoints) and the ``labels`` section; ``data`` and ``objective`` are not read."""
+
+    recipe: str = "labels"
+    labels: LabelObjective = field(default_factory=LabelObjective)
 
 
 def _vocab():
@@ -297,12 +320,17 @@ class WordTargets:
         return out
 
 
-def _forward(model, heads: LabelHeads, batch: dict, temporal: bool = False):
-    """Heads' outputs and projected tokens; ``temporal``: through the projector's temporal branch too."""
+def _project(model, batch: dict, temporal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged vision tokens and their projections; ``temporal``: through the projector's temporal branch too."""
     feats = model.vision(batch["pixel_values"], batch["grid_thw"])
     tokens = model.projector.merge_patches(feats, batch["grid_thw"])
     ref = batch["reference"] if temporal else None
-    projected = model.projector.project(tokens, batch["grid_thw"], ref)
+    return tokens, model.projector.project(tokens, batch["grid_thw"], ref)
+
+
+def _forward(model, heads: LabelHeads, batch: dict, temporal: bool = False):
+    """Heads' outputs and projected tokens (`_project`)."""
+    tokens, projected = _project(model, batch, temporal)
     return (*heads(tokens, batch["frame_of"], batch["grid_thw"].shape[0]), projected)
 
 
@@ -355,23 +383,29 @@ def word_readout(
 
 @torch.no_grad()
 def evaluate(
-    model, heads: LabelHeads, examples: list[dict], targets: WordTargets, temporal: bool = False
+    model, heads: LabelHeads | None, examples: list[dict], targets: WordTargets, temporal: bool = False
 ) -> dict[str, float]:
-    """Held-out accuracy: exact token label sets (colours, shapes, pairs), background per token, count per frame; the
-    mean cosine between projected tokens and their word targets, and their nearest-word readout (`word_readout`)."""
+    """Held-out accuracy: with ``heads``, exact token label sets (colours, shapes, pairs), background per token, count
+    per frame; the mean cosine between projected tokens and their word targets, and their nearest-word readout
+    (`word_readout`)."""
     if not examples:
         return {}
     batch = _collate(examples)
-    multi, background, count, projected = _forward(model, heads, batch, temporal)
-    pred = multi > 0
-    nc, ns, _ = heads.sizes
-    parts = {"colours": slice(0, nc), "shapes": slice(nc, nc + ns), "pairs": slice(nc + ns, None)}
-    result = {
-        f"token_{name}": float((pred[:, sl] == batch["multi"][:, sl].bool()).all(1).float().mean())
-        for name, sl in parts.items()
-    }
-    result["token_background"] = float((background.argmax(1) == batch["background"]).float().mean())
-    result["frame_count"] = float((count.argmax(1) == batch["count"]).float().mean())
+    result = {}
+    nc = targets.n_colours
+    if heads is not None:
+        multi, background, count, projected = _forward(model, heads, batch, temporal)
+        pred = multi > 0
+        ns = targets.n_shapes
+        parts = {"colours": slice(0, nc), "shapes": slice(nc, nc + ns), "pairs": slice(nc + ns, None)}
+        result = {
+            f"token_{name}": float((pred[:, sl] == batch["multi"][:, sl].bool()).all(1).float().mean())
+            for name, sl in parts.items()
+        }
+        result["token_background"] = float((background.argmax(1) == batch["background"]).float().mean())
+        result["frame_count"] = float((count.argmax(1) == batch["count"]).float().mean())
+    else:
+        projected = _project(model, batch, temporal)[1]
     result["word_cosine"] = float(F.cosine_similarity(projected.float(), targets(batch), dim=-1).mean())
     result.update(
         word_readout(projected, batch["multi"], targets, nc, batch.get("motion") if temporal else None)
@@ -384,63 +418,6 @@ def evaluate(
     return {k: round(100 * v, 2) for k, v in result.items()}
 
 
-def _schedule(opt, warmup: int, total: int):
-    """Linear warm-up, then cosine decay to a tenth."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total)).item()))
-        ),
-    )
-
-
-def _save(model, directory: Path, scores: dict) -> None:
-    """Vision tower and projector as a delta file + held-out scores, written atomically."""
-    from safetensors.torch import save_file
-
-    tmp = directory.parent / f".{directory.name}.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    delta = {
-        f"{part}.{k}": v.detach().clone().contiguous()
-        for part in ("vision", "projector")
-        for k, v in getattr(model, part).state_dict().items()
-    }
-    save_file(delta, str(tmp / "weights.safetensors"))
-    (tmp / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
-    tmp.rename(directory)
-
-
-def _step(loss: torch.Tensor, params: list, opt, sched, bar, log, step: int, name: str) -> None:
-    """Backward, clip to 1, optimiser and schedule step; the loss to the progress bar and ``metrics.jsonl``."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    sched.step()
-    bar.set_postfix(loss=f"{loss.item():.4f}")
-    log.write(json.dumps({"step": step + 1, name: loss.item()}) + "\n")
-
-
-def _train_tower(cfg: LabelsConfig, model, heads, targets, examples, images, log) -> None:
-    """The tower, projector and label heads on the labels: still images first, then the videos and images."""
-    total = cfg.image_steps + cfg.steps
-    params = [*model.vision.parameters(), *model.projector.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    sched = _schedule(opt, cfg.warmup, total)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.vision.train()
-    with tqdm(range(total), desc="stage 0 labels") as bar:
-        for step in bar:
-            pool = images if step < cfg.image_steps else examples
-            idx = torch.randint(len(pool), (cfg.batch,), generator=gen).tolist()
-            batch = _collate([pool[i] for i in idx])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
-                loss = _loss(_forward(model, heads, batch), batch, targets)
-            _step(loss, params, opt, sched, bar, log, step, "loss")
-    model.vision.eval()
-
-
 def _motion_readout_loss(projected: torch.Tensor, motion: torch.Tensor, targets: WordTargets) -> torch.Tensor:
     """Cross-entropy of the moving tokens' cosines to the four direction words (x10): the nearest direction word is
     what `word_readout` scores and what the LLM has to read."""
@@ -451,103 +428,99 @@ def _motion_readout_loss(projected: torch.Tensor, motion: torch.Tensor, targets:
     return F.cross_entropy(10 * cos, motion[moving])
 
 
-def _train_motion(cfg: LabelsConfig, model, targets, examples, log) -> None:
-    """The projector alone, temporal branch included, on the word targets with motion (the tower frozen)."""
-    params = list(model.projector.parameters())
-    model.vision.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    sched = _schedule(opt, cfg.warmup, cfg.motion_steps)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    with tqdm(range(cfg.motion_steps), desc="stage 0 motion") as bar:
-        for step in bar:
-            idx = torch.randint(len(examples), (cfg.batch,), generator=gen).tolist()
-            batch = _collate([examples[i] for i in idx])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
-                with torch.no_grad():
-                    feats = model.vision(batch["pixel_values"], batch["grid_thw"])
-                tokens = model.projector.merge_patches(feats, batch["grid_thw"])
-                projected = model.projector.project(tokens, batch["grid_thw"], batch["reference"]).float()
-            target = targets(batch)
-            loss = (projected - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
-            if cfg.motion_readout:
-                loss = loss + cfg.motion_readout * _motion_readout_loss(projected, batch["motion"], targets)
-            _step(loss, params, opt, sched, bar, log, step, "motion_loss")
+def _motion_loss(model, batch: dict, targets: WordTargets, readout: float) -> torch.Tensor:
+    """The motion phase: projected tokens (temporal branch included) onto their word targets with motion, plus the
+    direction-word readout; the tower's features need no gradient (it is frozen)."""
+    with torch.no_grad():
+        feats = model.vision(batch["pixel_values"], batch["grid_thw"])
+    tokens = model.projector.merge_patches(feats, batch["grid_thw"])
+    projected = model.projector.project(tokens, batch["grid_thw"], batch["reference"]).float()
+    target = targets(batch)
+    loss = (projected - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+    if readout:
+        loss = loss + readout * _motion_readout_loss(projected, batch["motion"], targets)
+    return loss
 
 
-def train_labels(cfg: LabelsConfig) -> Path:
-    """Run Stage 0 and write ``<output_dir>/final`` (skipped when it is already there). The tower phases write
-    ``<output_dir>/tower`` first, so an interrupted motion phase restarts from there."""
-    from keye.deltas import apply_delta, read_tensors
-    from keye.modeling import KeyeForConditionalGeneration
-    from keye.pretrained import keye_tiny_base
-    from keye.processing import KeyeProcessor
+def cached_examples(folder: Path, processor, min_share: float) -> list[dict]:
+    """`prepare_examples` of ``folder``, kept in ``<folder>/stage0-examples.pt`` (remade when ``min_share`` changed)."""
+    path = Path(folder) / "stage0-examples.pt"
+    if path.exists():
+        cached = torch.load(path)
+        if isinstance(cached, dict) and cached.get("min_share") == min_share:
+            return cached["examples"]
+    examples = prepare_examples(folder, processor, min_share)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"min_share": min_share, "examples": examples}, tmp)
+    tmp.replace(path)
+    return examples
 
-    out = Path(cfg.output_dir)
-    final, tower = out / "final", out / "tower"
-    if (final / "weights.safetensors").exists():
-        logger.info("stage 0 labels: already trained (%s)", final)
-        return final
-    torch.manual_seed(cfg.seed)
-    folder = keye_tiny_base()
-    model = KeyeForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    processor = KeyeProcessor.from_pretrained(folder)
-    out.mkdir(parents=True, exist_ok=True)
 
-    def cached(name: str, data: Path, needs: str) -> list[dict]:
-        if (out / name).exists():
-            examples = torch.load(out / name)
-            if all(needs in e for e in examples):
-                return examples
-        examples = prepare_examples(data, processor, cfg.min_share)
-        torch.save(examples, out / name)
-        return examples
+class LabelTrainer(Trainer):
+    """Stage 0 on the core loop (`keye.training.Trainer`): micro-batches of ``labels.batch`` media drawn at random
+    (reproducibly from the data position, so a resumed run draws the same), the label loss (`_loss`, with
+    `LabelHeads` as the model's training head) or the motion phase's (`_motion_loss`); one unit per micro-batch.
+    The export adds the held-out scores, ``final/eval.json``."""
 
-    examples = cached("examples.pt", cfg.data, needs="motion")
-    held, train = examples[: cfg.held_out], examples[cfg.held_out :]
-    heads = LabelHeads(4 * model.config.vision.hidden_size)
-    t0 = time.perf_counter()
-    if (tower / "weights.safetensors").exists():
-        apply_delta(model, read_tensors(tower / "weights.safetensors"))
-        logger.info("stage 0 labels: tower phases already trained (%s)", tower)
-    else:
-        images = cached("images.pt", Path(cfg.data) / "stage0", needs="xy") if cfg.image_steps else []
-        if cfg.image_steps and not images:
-            raise FileNotFoundError(
-                f"{cfg.data}/stage0/image/samples.jsonl: no Stage 0 images (image_steps > 0)"
+    cfg: LabelsConfig
+
+    def add_head(self, model) -> None:
+        if not self.cfg.labels.motion:
+            model.head = LabelHeads(4 * model.config.vision.hidden_size)
+
+    def build_stream(self) -> dict[str, list[dict]]:
+        lab, model = self.cfg.labels, self._unwrapped()
+        if lab.motion and model.projector.temporal is None:
+            raise ConfigError(
+                "labels.motion", "needs a projector with a temporal branch (temporal_hidden_size > 0)"
             )
-        targets = WordTargets(model, processor.tokenizer, cfg.position)
-        with open(out / "metrics.jsonl", "w") as log:
-            _train_tower(cfg, model, heads, targets, train, images, log)
-        scores = evaluate(model, heads, held, targets)
-        logger.info("stage 0 tower: %.1f min; held-out %s", (time.perf_counter() - t0) / 60, scores)
-        _save(model, tower, scores)
-    if cfg.motion_steps and model.projector.temporal is None:
-        raise ValueError(
-            "motion_steps > 0 needs a projector with a temporal branch (temporal_hidden_size > 0)"
+        with self.acc.main_process_first():  # the main process prepares the caches, the others read them
+            examples = cached_examples(Path(lab.data), self.processor, lab.min_share)
+            images = (
+                cached_examples(Path(lab.images), self.processor, lab.min_share) if lab.image_steps else []
+            )
+        if lab.image_steps and not images:
+            raise KeyeInputError(
+                f"{lab.images}/image/samples.jsonl", "no Stage 0 images (labels.image_steps > 0)"
+            )
+        if len(examples) <= lab.held_out:
+            raise KeyeInputError(
+                lab.data, f"{len(examples)} media, not more than labels.held_out ({lab.held_out})"
+            )
+        self.targets = WordTargets(model, self.processor.tokenizer, lab.position, motion=lab.motion)
+        return {"held": examples[: lab.held_out], "train": examples[lab.held_out :], "images": images}
+
+    def micro_batches(self):
+        lab, acc = self.cfg.labels, self.acc
+        while True:
+            pool = self.stream["images"] if self.step < lab.image_steps else self.stream["train"]
+            draw = (
+                self.position * acc.num_processes + acc.process_index
+            )  # this rank's draws, as in the other recipes
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + draw)
+            batch = _collate(
+                [pool[i] for i in torch.randint(len(pool), (lab.batch,), generator=gen).tolist()]
+            )
+            self.position += 1
+            yield {**batch, "num_tokens": batch["frame_of"].numel()}
+
+    def _count(self, batch: dict) -> int:
+        return 1  # each micro-batch's loss is a mean over its tokens
+
+    def _micro_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        lab = self.cfg.labels
+        if lab.motion:
+            return self.forward(lambda m: _motion_loss(m, batch, self.targets, lab.motion_readout)), 1
+        return self.forward(lambda m: _loss(_forward(m, m.head, batch), batch, self.targets)), 1
+
+    def export(self) -> Path | None:
+        self.model.eval()
+        temporal = self.cfg.labels.motion
+        scores = self.forward(
+            lambda m: evaluate(m, getattr(m, "head", None), self.stream["held"], self.targets, temporal)
         )
-    targets = WordTargets(model, processor.tokenizer, position=0.0, motion=cfg.motion_steps > 0)
-    if cfg.motion_steps:
-        t1 = time.perf_counter()
-        with open(out / "metrics.jsonl", "a") as log:
-            _train_motion(cfg, model, targets, train, log)
-        logger.info("stage 0 motion: %.1f min", (time.perf_counter() - t1) / 60)
-    scores = evaluate(model, heads, held, targets, temporal=cfg.motion_steps > 0)
-    scores = {k: v for k, v in scores.items() if k.startswith("word_") or k == "still_motion"}
-    logger.info("stage 0 final: held-out %s", scores)
-    _save(model, final, scores)
-    return final
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m keye.pretrain.labels", description=__doc__.split("\n\n")[0]
-    )
-    add_flags(parser, LabelsConfig, rename={"output_dir": "out"}, help={"position": "see WordTargets"})
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train_labels(LabelsConfig(**given(args, LabelsConfig)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        final = super().export()
+        if final is not None and self.acc.is_main_process:
+            logger.info("stage 0 held-out: %s", scores)
+            (final / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+        return final

@@ -5,7 +5,7 @@
               Video-MME-style multiple choice (answered as `mc_answer`: the answer, then the letter), all of a
               medium's questions as one multi-turn chat, and text-only multiple choice; 10,000 more images (seed 1002)
               for Stage 0
-    stage 0   keye.pretrain.labels: the vision tower learns the generator's labels per vision token and the projector
+    stage 0   configs/pretrain/stage0{,_motion}_tiny.yaml (keye.pretrain.labels): the vision tower learns the generator's labels per vision token and the projector
               SmolLM2's embeddings of those words and of the token's place (no LLM); first on the 10,000 images,
               then on the videos and images above; last the projector alone, with its temporal branch, learns to
               add the word of the way a frame's scene moves (and drops the place); it is also Stage 1's projector
@@ -40,11 +40,12 @@ logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 STAGES = [
+    "stage0_tiny",
+    "stage0_motion_tiny",
     "stage2a_tiny",
     "stage2_tiny",
     "stage3_tiny",
 ]  # Stage 1 (projector alignment) is part of Stage 0 here
-STAGE0_DIR = Path("runs/keye-tiny/stage0")  # what stage1_tiny.yaml's init_from reads
 TRAIN_SEEDS = {"video": 1000, "image": 1001, "stage0": 1002}
 # keye-tiny's regime of the generator (its training data and the held-out questions it is measured on): at most two
 # shapes per scene, 1-3 scenes, no on-screen text, objects 0.3-0.42 of the 112-pixel frame (34-47 px, more than one
@@ -155,14 +156,22 @@ def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2, n_sta
     return root
 
 
+def stage_output(stage: str, overrides: list[str]) -> Path:
+    """The output folder of ``configs/pretrain/<stage>.yaml`` (with ``overrides``)."""
+    from keye.training import load_config
+    from keye.training.config import recipe_config_class
+
+    path = CONFIGS / f"{stage}.yaml"
+    return Path(load_config(path, overrides, cls=recipe_config_class(path)).output_dir)
+
+
 def run_stages(stages: list[str], overrides: list[str]) -> None:
     from keye.pretrain.recipe import run
-    from keye.training import load_config
 
     for stage in stages:
-        cfg = load_config(CONFIGS / f"{stage}.yaml", overrides)
-        if (Path(cfg.output_dir) / "final" / "weights.safetensors").exists():
-            logger.info("%s: already trained (%s/final)", stage, cfg.output_dir)
+        out = stage_output(stage, overrides)
+        if (out / "final" / "weights.safetensors").exists():
+            logger.info("%s: already trained (%s/final)", stage, out)
             continue
         t0 = time.perf_counter()
         run(CONFIGS / f"{stage}.yaml", overrides, resume=True)
@@ -274,18 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     if not args.eval_only:
-        from keye.pretrain.labels import LabelsConfig, train_labels
-        from keye.training import load_config
-
         prepare_data(args.data, args.n_video, args.n_image, args.workers)
         logger.info("data ready: %.1f min", (time.perf_counter() - t0) / 60)
-        t1 = time.perf_counter()
-        train_labels(LabelsConfig(data=args.data, output_dir=STAGE0_DIR))
-        logger.info("stage 0 (labels): %.1f min", (time.perf_counter() - t1) / 60)
         run_stages(args.stages, args.overrides)
-        dirs = [STAGE0_DIR] + [
-            Path(load_config(CONFIGS / f"{s}.yaml", args.overrides).output_dir) for s in STAGES
-        ]
+        dirs = [stage_output(s, args.overrides) for s in STAGES]
         if all((d / "final" / "weights.safetensors").exists() for d in dirs):
             build_asset(dirs, args.asset)
         logger.info("total: %.1f min", (time.perf_counter() - t0) / 60)

@@ -3,6 +3,9 @@ vision tower on them lower the loss."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -27,6 +30,8 @@ from keye.synthetic import (
     object_masks,
     render_video_frames,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_object_masks_cover_exactly_the_object_pixels():
@@ -228,26 +233,95 @@ def test_motion_targets_add_the_direction_word():
     torch.testing.assert_close(still[0], (word("red") + word("square")) / 2)
 
 
-def test_the_motion_phase_trains_the_projector_alone_and_lowers_its_loss(tmp_path):
-    import io
-    import json
+def _phase(tmp_path, shipped: str, *overrides: str):
+    """A Stage 0 phase as its shipped YAML configures it, on ``tmp_path``'s media, a few fast steps."""
+    from keye.pretrain.labels import LabelsConfig, LabelTrainer
+    from keye.training import load_config
 
-    from keye.pretrain.labels import LabelsConfig, _train_motion
+    path = ROOT / "configs" / "pretrain" / f"{shipped}.yaml"
+    common = [
+        f"output_dir={tmp_path / 'run'}",
+        f"labels.data={tmp_path}",
+        "model.init_from=[]",
+        "save_every=100",
+    ]
+    return LabelTrainer(load_config(path, [*common, *overrides], cls=LabelsConfig)).setup()
+
+
+def test_the_label_phases_train_tower_projector_and_heads_and_lower_the_loss(tmp_path):
+    _media(tmp_path, "video", 2)
+    _media(tmp_path, "image", 3)
+    _media(tmp_path / "stage0", "image", 4)
+    trainer = _phase(
+        tmp_path,
+        "stage0_tiny",
+        f"labels.images={tmp_path / 'stage0'}",
+        "labels.image_steps=6",
+        "labels.batch=4",
+        "labels.held_out=1",
+        "max_steps=10",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=1",
+    )
+    model = trainer._unwrapped()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = [m["loss"] for m in trainer.train()]
+    assert len(losses) == 10 and sum(losses[3:6]) < 0.8 * sum(losses[:3]), losses  # on the still images
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"vision", "projector", "head"}
+    final = trainer.export()
+    scores = json.loads((final / "eval.json").read_text())
+    assert {"token_shapes", "word_colour", "word_position"} <= set(scores)
+    from safetensors.torch import load_file
+
+    delta = load_file(str(final / "weights.safetensors"))  # what the later stages' init_from reads: no head
+    assert {k.split(".")[0] for k in delta} == {"vision", "projector"}
+    assert (final / "head.safetensors").exists()
+
+
+def test_the_motion_phase_trains_the_projector_alone_and_lowers_its_loss(tmp_path):
     from keye.pretrained import load_pretrained
 
     _media(tmp_path, "video", 4)
-    model, processor = load_pretrained("keye-tiny")
+    _, processor = load_pretrained("keye-tiny")
     examples = prepare_examples(tmp_path, processor, min_share=0.2)
     assert any((e["motion"] >= 0).any() for e in examples)  # some frame shows its scene moving
     assert all(len(e["reference"]) == len(e["motion"]) == e["grid_thw"].shape[0] for e in examples)
+    trainer = _phase(
+        tmp_path,
+        "stage0_motion_tiny",
+        "model.path=keye-tiny",
+        "labels.batch=4",
+        "labels.held_out=0",
+        "max_steps=12",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=1",
+        "mixed_precision='no'",
+    )
+    model = trainer._unwrapped()
     tower = {k: v.clone() for k, v in model.vision.state_dict().items()}
     branch = model.projector.temporal.linear_2.weight.detach().clone()
-    targets = WordTargets(model, processor.tokenizer, motion=True)
-    log = io.StringIO()
-    torch.manual_seed(0)
-    cfg = LabelsConfig(motion_steps=12, batch=4, lr=3e-3, warmup=1, motion_readout=0.2)
-    _train_motion(cfg, model, targets, examples, log)
-    losses = [json.loads(line)["motion_loss"] for line in log.getvalue().splitlines()]
+    losses = [m["loss"] for m in trainer.train()]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
     assert all(torch.equal(v, model.vision.state_dict()[k]) for k, v in tower.items())  # the tower is frozen
     assert not torch.equal(model.projector.temporal.linear_2.weight, branch)
+    assert not hasattr(model, "head")  # no label heads in the motion phase
+
+
+def test_a_resumed_label_phase_draws_the_same_media(tmp_path):
+    """The media of a step come from the data position (not a generator's running state): a resumed run draws
+    exactly what the uninterrupted one drew."""
+    _media(tmp_path, "image", 5)
+    args = (
+        "labels.image_steps=0",
+        "labels.images=null",
+        "labels.batch=3",
+        "labels.held_out=0",
+        "max_steps=4",
+    )
+    full = _phase(tmp_path, "stage0_tiny", *args)
+    drawn = [b["pixel_values"].clone() for _, b in zip(range(4), full.micro_batches())]
+    later = _phase(tmp_path, "stage0_tiny", *args)
+    later.position = 2
+    assert not torch.equal(drawn[0], drawn[1])  # the draws differ from step to step
+    assert all(torch.equal(a, b["pixel_values"]) for a, b in zip(drawn[2:], later.micro_batches()))

@@ -250,12 +250,14 @@ def _check_recipe(cls: type, recipe: object) -> None:
         return
     if recipe not in RECIPES:
         raise ConfigError("recipe", f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
-    raise ConfigError("recipe", f"a {recipe!r} config; run it with `keye {recipe}`, not `keye {expected}`")
+    command = {"labels": "pretrain"}.get(recipe, recipe)  # the command that runs each recipe
+    raise ConfigError("recipe", f"a {recipe!r} config; run it with `keye {command}`, not `keye {expected}`")
 
 
 # recipe -> its config class ("module:Class", imported on use: the post-training recipes live above this layer)
 RECIPES = {
     "pretrain": "keye.training.config:TrainConfig",
+    "labels": "keye.pretrain.labels:LabelsConfig",  # Stage 0's label objective, run by `keye pretrain` too
     "sft": "keye.posttrain.sft:PostTrainConfig",
     "dpo": "keye.posttrain.dpo:DPOConfig",
     "rl": "keye.posttrain.rl:RLConfig",

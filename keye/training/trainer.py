@@ -140,6 +140,13 @@ class Trainer:
         mp = self.cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
+        # accelerate keeps one state per process; a second run in the same process (keye-tiny's stage chain, a
+        # notebook) with another precision starts afresh (the process group, in PartialState, stays).
+        from accelerate.state import AcceleratorState, GradientState
+
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
         kwargs = {}
         if self.cfg.deepspeed:
             from accelerate.utils import DeepSpeedPlugin
