@@ -149,8 +149,18 @@ class GSPOConfig:
     )
     eval_n: int = 50
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    # Modules imported before the verifiers are looked up: your own rewards, registered with
+    # `keye.posttrain.rewards.register_verifier` when the module is imported (e.g. ``[my_project.rewards]``).
+    reward_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        import importlib
+
+        for module in self.reward_modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ConfigError("rl.reward_modules", f"cannot import {module!r}: {e}") from e
         if self.variant not in ("sequence", "token"):
             raise ConfigError("rl.variant", f"must be 'sequence' or 'token', got {self.variant!r}")
         if self.max_hint_level.upper() not in HintLevel.__members__:

@@ -19,7 +19,7 @@ __all__ = ["run"]
 
 def run(config: str | Path, overrides: list[str] | None = None, resume: bool = False) -> Path | None:
     """Train one stage; returns ``<output_dir>/final`` (None with ``export: false``)."""
-    cls = recipe_config_class(config)
+    cls = recipe_config_class(config, default="pretrain")
     if cls.recipe == "labels":
         from keye.pretrain.labels import LabelTrainer
 

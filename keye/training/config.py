@@ -264,13 +264,13 @@ RECIPES = {
 }
 
 
-def recipe_config_class(path: str | Path) -> type:
-    """The config class of the recipe a YAML file names (its ``recipe:`` key)."""
+def recipe_config_class(path: str | Path, default: str | None = None) -> type:
+    """The config class of the recipe a YAML file names (its ``recipe:`` key; ``default`` when it names none)."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(str(path), f"cannot read config: {e}") from e
-    recipe = data.get("recipe") if isinstance(data, dict) else None
+    recipe = data.get("recipe", default) if isinstance(data, dict) else None
     if recipe not in RECIPES:
         raise ConfigError(str(path), f"recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
     return recipe_class(recipe)

@@ -482,7 +482,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ export
     def export(self) -> Path | None:
         """``<output_dir>/final``: ``weights.safetensors`` (delta file: trained tensors, LoRA factors, trained
-        embedding rows) and ``model/`` (LoRA merged; ``load_pretrained`` reads it)."""
+        embedding rows) and ``model/`` (LoRA merged; ``load_pretrained`` reads it). Every rank calls it; the main
+        process writes and returns the folder, the others return None."""
         from safetensors.torch import save_file
 
         acc = self.acc
@@ -490,7 +491,7 @@ class Trainer:
         full = self._full_state()  # every rank takes part in the gathering
         final = self.out / "final"
         if not acc.is_main_process:
-            return final
+            return None
         # A model of the run's own structure on the CPU, holding the gathered full tensors: the same export whatever
         # the engine (the trained module itself holds only this rank's shards under ZeRO-3 and FSDP).
         with torch.random.fork_rng(devices=[]):
