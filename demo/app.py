@@ -32,6 +32,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from keye.chat import ChatSession
 from keye.compression import COMPRESSIONS, compressed_video_tokens
+from keye.demo.limits import Limits
 from keye.errors import KeyeInputError
 from keye.processing import KeyeProcessor, VideoInput
 
@@ -45,17 +46,6 @@ COMPRESSION_LABELS = {"none": "none", "dyntok": "DynTok", "clapper": "Clapper"}
 EXAMPLE_PROMPT = "What happens in this video?"
 PENDING_NOTE = "  \n*Goes with your next question.*"
 SENT_NOTE = "  \n*In the conversation: follow-up questions reuse it without encoding it again.*"
-
-
-@dataclass
-class Limits:
-    """What one demo server accepts and how many requests it runs at once."""
-
-    max_upload_mb: float = 200.0  # per file; also Gradio's own upload limit
-    max_duration_s: float = 600.0  # longest video accepted
-    concurrency: int = 1  # generations running at once (they share one model)
-    queue_size: int = 16  # requests waiting beyond that; more are refused with "queue full"
-    max_new_tokens: int = 1024  # upper end of the slider
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`keye demo`: serve the Gradio chat demo.
 
-    keye demo [--model M] [--host 127.0.0.1] [--port 7860] [--share]
-              [--max-upload-mb 200] [--max-duration 600] [--concurrency 1] [--queue-size 16]
+    keye demo [--config configs/demo/tiny.yaml] [key=value ...] [--model M] [--host 127.0.0.1] [--port 7860] [--share]
+              [--max-upload-mb 200] [--max-duration 600] [--concurrency 1] [--queue-size 16] [--max-new-tokens 1024]
 
 `add_parser` is wired into `keye.cli`; the module also runs on its own: ``python -m keye.demo.cli demo ...``.
 Gradio is imported only when the command runs, so ``keye --help`` stays fast.
@@ -12,46 +12,67 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field, replace
 
-__all__ = ["add_parser", "main", "run_command"]
+from keye.config import load
+from keye.demo.limits import Limits
+from keye.flags import add_flags, given
+
+__all__ = ["DemoConfig", "add_parser", "demo_config", "main", "run_command"]
+
+
+@dataclass
+class DemoConfig:
+    """A ``keye demo`` server: from ``--config FILE`` (YAML, e.g. ``configs/demo/tiny.yaml``), then ``key=value``
+    overrides, then the flags given (one per field; the limits' flags are flat: ``--max-upload-mb``, ...)."""
+
+    model: str = "keye-tiny"  # model name or folder
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: the whole network)
+    port: int = 7860
+    share: bool = False  # also open a public Gradio share link
+    limits: Limits = field(default_factory=Limits)
+
+
+_HELP = {
+    "model": "model name or folder (default: keye-tiny)",
+    "host": "address to listen on (0.0.0.0: the whole network; default 127.0.0.1)",
+    "port": "default 7860",
+    "share": "also open a public Gradio share link",
+    "max_upload_mb": "largest file accepted, MB (default 200)",
+    "max_duration_s": "longest video accepted, seconds (default 600)",
+    "concurrency": "answers generated at once; one model is shared (default 1)",
+    "queue_size": "requests that may wait; more are refused (default 16)",
+    "max_new_tokens": "upper end of the answer-length slider (default 1024)",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``demo`` to `subparsers`; the handler is set as the ``func`` default."""
     p = subparsers.add_parser("demo", help="chat with a model in the browser (Gradio)")
-    p.add_argument("--model", default="keye-tiny", help="model name or folder (default: keye-tiny)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    p.add_argument("--max-upload-mb", type=float, default=200.0, metavar="MB", help="largest file accepted")
-    p.add_argument("--max-duration", type=float, default=600.0, metavar="S", help="longest video accepted")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=1,
-        metavar="N",
-        help="answers generated at once (one model is shared)",
-    )
-    p.add_argument(
-        "--queue-size", type=int, default=16, metavar="N", help="requests that may wait; more are refused"
-    )
+    p.add_argument("--config", metavar="FILE", help="YAML of DemoConfig fields (configs/demo/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (after --config)")
+    add_flags(p, DemoConfig, only=("model", "host", "port", "share"), help=_HELP, show_defaults=False)
+    add_flags(p, Limits, rename={"max_duration_s": "max_duration"}, help=_HELP, show_defaults=False)
     p.set_defaults(func=run_command)
     return p
+
+
+def demo_config(args: argparse.Namespace) -> DemoConfig:
+    """The server's `DemoConfig`: ``--config``, then the overrides, then the flags the user gave."""
+    cfg = load(DemoConfig, args.config, args.overrides)
+    limits = replace(cfg.limits, **given(args, Limits))
+    top = {k: v for k, v in given(args, DemoConfig).items() if k != "limits"}
+    return replace(cfg, limits=limits, **top)
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Handler of ``keye demo``: load the model, serve until interrupted."""
     # Gradio reports usage to its servers unless told not to; the demo must work offline and stay quiet.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from keye.demo.app import Limits, run
+    from keye.demo.app import run
 
-    limits = Limits(
-        max_upload_mb=args.max_upload_mb,
-        max_duration_s=args.max_duration,
-        concurrency=args.concurrency,
-        queue_size=args.queue_size,
-    )
-    run(args.model, host=args.host, port=args.port, share=args.share, limits=limits)
+    cfg = demo_config(args)
+    run(cfg.model, host=cfg.host, port=cfg.port, share=cfg.share, limits=cfg.limits)
     return 0
 
 

@@ -5,7 +5,9 @@
     keye eval synthetic --seed S --n N            write the synthetic Video-MME-format benchmark and evaluate it
     keye eval compare OUT1 OUT2                   two finished runs side by side
 
-Common flags: --model (default keye-tiny), --out, --limit, --fps, --max-frames, --token-budget, --compress, --think.
+Common: ``--config FILE`` (YAML of `EvalConfig`, e.g. ``configs/eval/videomme.yaml``) and ``key=value`` overrides, and a
+flag per field: --model (default keye-tiny), --out, --limit, --fps, --max-frames, --token-budget, --compress, --think,
+--max-new-tokens, --no-reuse-video (or --prepare-per-question), --no-progress.
 The model is built in one place, `build_predictor`, through ``keye.eval.keye_predictor.make_predictor`` (imported lazily so
 that ``keye --help`` stays fast).
 
@@ -16,52 +18,66 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from keye.config import load
 from keye.eval.runner import COMPRESS, EvalSettings
+from keye.flags import add_flags, given
 
-__all__ = ["add_parser", "build_predictor", "main"]
+__all__ = ["EvalConfig", "add_parser", "build_predictor", "eval_config", "main"]
 
-_DEFAULTS = EvalSettings()
+
+@dataclass(frozen=True)
+class EvalConfig(EvalSettings):
+    """A ``keye eval`` run: the model, the run folder, how many questions, and how the model sees and answers
+    (`EvalSettings`). From ``--config FILE`` (YAML, e.g. ``configs/eval/videomme.yaml``), then ``key=value``
+    overrides, then the flags given (each generated from a field: ``--model``, ``--max-frames``, ``--think``, ...)."""
+
+    model: str = "keye-tiny"  # model name or checkpoint folder
+    out: str | None = None  # run folder (None: runs/eval/<task>-<model>); a rerun resumes it
+    limit: int | None = None  # only the first N questions
+    progress: bool = True
+
+    def settings(self) -> EvalSettings:
+        return EvalSettings(**{f.name: getattr(self, f.name) for f in fields(EvalSettings)})
+
+
+_HELP = {
+    "model": "model name or checkpoint folder (default: keye-tiny)",
+    "out": "run folder (default: runs/eval/<task>-<model>); reruns resume it",
+    "limit": "only the first N questions",
+    "fps": "frames per second (default: the model's processor setting)",
+    "max_frames": "frame cap (default: the model's processor setting)",
+    "token_budget": "vision tokens per video (default: the model's processor setting)",
+    "compress": f"vision token compression: {', '.join(COMPRESS)} (default: none)",
+    "think": "let the model reason (<think>) before answering",
+    "max_new_tokens": "answer length cap (default: 16 multiple choice, 512 open)",
+    "reuse_video": "encode each video once for all its questions (default; --no-reuse-video is an ablation)",
+    "progress": "progress bar (default: on)",
+}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="keye-tiny", help="model name or checkpoint folder (default: keye-tiny)"
+        "--config", type=Path, metavar="FILE", help="YAML of EvalConfig fields (configs/eval/)"
     )
-    parser.add_argument(
-        "--out", type=Path, help="run folder (default: runs/eval/<task>-<model>); reruns resume it"
-    )
-    parser.add_argument("--limit", type=int, help="only the first N questions")
-    parser.add_argument(
-        "--fps", type=float, help="frames per second (default: the model's processor setting)"
-    )
-    parser.add_argument(
-        "--max-frames",
-        type=int,
-        help="frame cap (default: the model's processor setting)",
-    )
-    parser.add_argument(
-        "--token-budget",
-        type=int,
-        help="vision tokens per video (default: the model's processor setting)",
-    )
-    parser.add_argument(
-        "--compress", choices=COMPRESS, default=_DEFAULTS.compress, help="vision token compression"
-    )
-    parser.add_argument(
-        "--think", action="store_true", help="let the model reason (<think>) before answering"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, help="answer length cap (default: 16 multiple choice, 512 open)"
-    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (after --config)")
+    add_flags(parser, EvalConfig, help=_HELP, show_defaults=False)
     parser.add_argument(
         "--prepare-per-question",
-        action="store_true",
-        help="ablation: encode the video again for every question (to measure what encoding once saves)",
+        dest="reuse_video",
+        action="store_false",
+        default=None,
+        help="ablation: encode the video again for every question (--no-reuse-video)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The run's `EvalConfig`: ``--config``, then the overrides, then the flags the user gave."""
+    cfg = load(EvalConfig, args.config, args.overrides)
+    return replace(cfg, **given(args, EvalConfig))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -108,17 +124,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def build_predictor(args: argparse.Namespace) -> Any:
+def build_predictor(model: str) -> Any:
     """The one place the harness builds a model: ``keye.eval.keye_predictor.make_predictor(model_name)``."""
     from keye.eval.keye_predictor import (
         make_predictor,  # the model stack is imported only when a run needs it
     )
 
-    return make_predictor(args.model)
+    return make_predictor(model)
 
 
-def _default_out(args: argparse.Namespace) -> Path:
-    model = re.sub(r"[^\w.-]+", "_", Path(args.model).name or args.model)
+def _default_out(args: argparse.Namespace, model: str) -> Path:
+    model = re.sub(r"[^\w.-]+", "_", Path(model).name or model)
     name = {
         "videomme": "videomme-subs" if getattr(args, "subtitles", False) else "videomme",
         "mlvu": "mlvu",
@@ -158,19 +174,11 @@ def main(args: argparse.Namespace) -> int:
 
     from keye.eval.runner import run
 
-    out = args.out or _default_out(args)
+    cfg = eval_config(args)
+    out = Path(cfg.out) if cfg.out else _default_out(args, cfg.model)
     task = _build_task(args, out)
-    settings = EvalSettings(
-        fps=args.fps,
-        max_frames=args.max_frames,
-        token_budget=args.token_budget,
-        compress=args.compress,
-        think=args.think,
-        max_new_tokens=args.max_new_tokens,
-        reuse_video=not args.prepare_per_question,
-    )
-    predictor = build_predictor(args)
-    results = run(task, predictor, out, settings=settings, limit=args.limit, progress=not args.no_progress)
+    predictor = build_predictor(cfg.model)
+    results = run(task, predictor, out, settings=cfg.settings(), limit=cfg.limit, progress=cfg.progress)
     summary = ", ".join(
         f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
         for k, v in results["metrics"]["summary"].items()

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from keye.errors import KeyeInputError
+from keye.errors import ConfigError, KeyeInputError
 from keye.eval.predictor import Predictor
 from keye.eval.task import GENERATION, MC, RECORD_KEYS, Question, Task
 from keye.extract import extract_choice
@@ -66,9 +66,10 @@ class EvalSettings:
 
     def __post_init__(self):
         if self.compress not in COMPRESS:
-            raise ValueError(f"compress must be one of {COMPRESS}, got {self.compress!r}")
-        if any(v is not None and v <= 0 for v in (self.fps, self.max_frames, self.token_budget)):
-            raise ValueError(f"fps, max_frames and token_budget must be positive: {self}")
+            raise ConfigError("compress", f"must be one of {', '.join(COMPRESS)}, got {self.compress!r}")
+        for name in ("fps", "max_frames", "token_budget"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
 
     def new_tokens(self, kind: str) -> int:
         if self.max_new_tokens is not None:

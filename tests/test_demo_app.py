@@ -108,14 +108,18 @@ def test_tool_round_messages_show_code_output_and_images(tmp_path):
 
 
 def test_cli_parser_flags():
+    from keye.demo.cli import demo_config
+
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["demo"])
-    assert (args.model, args.host, args.port, args.share) == ("keye-tiny", "127.0.0.1", 7860, False)
-    args = parser.parse_args(
-        ["demo", "--model", "m", "--port", "0", "--share", "--max-upload-mb", "5", "--max-duration", "30"]
+    cfg = demo_config(parser.parse_args(["demo"]))
+    assert (cfg.model, cfg.host, cfg.port, cfg.share) == ("keye-tiny", "127.0.0.1", 7860, False)
+    cfg = demo_config(
+        parser.parse_args(
+            ["demo", "--model", "m", "--port", "0", "--share", "--max-upload-mb", "5", "--max-duration", "30"]
+        )
     )
-    assert (args.model, args.port, args.share, args.max_upload_mb, args.max_duration) == (
+    assert (cfg.model, cfg.port, cfg.share, cfg.limits.max_upload_mb, cfg.limits.max_duration_s) == (
         "m",
         0,
         True,

@@ -1,4 +1,4 @@
-"""Training configuration: nested dataclasses loaded from YAML, overridable with dotted keys.
+"""Training configuration: nested dataclasses loaded from YAML (`keye.config`), overridable with dotted keys.
 
     cfg = load_config("configs/pretrain/stage1_tiny.yaml", ["train.lr=1e-4", "data.max_length=1024"])
 
@@ -12,14 +12,11 @@ Not for: model architecture (`keye.configuration`), or how a recipe uses these f
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from keye.config import build_config, read_config
 from keye.errors import ConfigError
 
 __all__ = [
@@ -175,74 +172,6 @@ class TrainConfig:
             raise ConfigError("train", "max_steps, grad_accum and keep_last must be >= 1")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with type checks
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _check(value: Any, tp: Any, where: str) -> Any:
-    """``value`` converted to ``tp`` (dataclasses built from dicts, ints accepted as floats), or a ConfigError."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(where, f"expected {tp}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(where, f"expected a mapping for {tp.__name__}, got {value!r}")
-        return _build(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(where, f"expected a list, got {value!r}")
-        (arg,) = typing.get_args(tp)
-        return [_check(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(where, f"expected a mapping, got {value!r}")
-        k_tp, v_tp = typing.get_args(tp)
-        return {_check(k, k_tp, where): _check(v, v_tp, f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(where, f"expected {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def _build(cls: type, data: dict, where: str):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(where, f"unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(key, f"{p!r} is not a section")
-    node[parts[-1]] = value
-
-
 def _check_recipe(cls: type, recipe: object) -> None:
     """A config names the recipe of ``cls`` (the one that reads it), or the error says which command runs it."""
     expected = cls.__dataclass_fields__["recipe"].default
@@ -266,11 +195,8 @@ RECIPES = {
 
 def recipe_config_class(path: str | Path, default: str | None = None) -> type:
     """The config class of the recipe a YAML file names (its ``recipe:`` key; ``default`` when it names none)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(str(path), f"cannot read config: {e}") from e
-    recipe = data.get("recipe", default) if isinstance(data, dict) else None
+    data, _ = read_config(path)
+    recipe = data.get("recipe", default)
     if recipe not in RECIPES:
         raise ConfigError(str(path), f"recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
     return recipe_class(recipe)
@@ -287,27 +213,15 @@ def recipe_class(recipe: str) -> type:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig
 ) -> Any:
-    """Load ``cls`` from a YAML file (None: defaults) with ``key.sub=value`` overrides (values parsed as YAML)."""
-    data: dict = {}
-    source = str(path) if path is not None else "<defaults>"
-    if path is not None:
+    """Load ``cls`` from a YAML file (None: defaults) with ``key.sub=value`` overrides (values parsed as YAML); a
+    config naming another recipe is refused first, with the command that runs it."""
+    data, source = read_config(path, overrides)
+    if "recipe" in data and "recipe" in getattr(cls, "__dataclass_fields__", {}):
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(source, f"cannot read config: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(source, "a config file must be a mapping")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(item, "an override must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    try:
-        if "recipe" in data and "recipe" in getattr(cls, "__dataclass_fields__", {}):
             _check_recipe(cls, data["recipe"])  # before the other keys: a wrong recipe explains them all
-        return _build(cls, data, "")
-    except ConfigError as e:
-        raise ConfigError(source, e.args[0]) from e
+        except ConfigError as e:
+            raise ConfigError(source, e.args[0]) from e
+    return build_config(cls, data, source)
 
 
 def config_to_dict(cfg: Any) -> dict:
