@@ -28,7 +28,8 @@ runner streams the images the snippet saved. The caller never opens a file the s
 and hard links in the working directory cannot trick it; every image is checked (PNG/JPEG, size caps) before it is
 written to the output folder.
 
-Without bubblewrap there is no isolation beyond rlimits, a private working directory and a scrubbed environment;
+The bubblewrap command line, seccomp filter and probe are in `keye.tools.bwrap`; the program that runs inside is
+`keye.tools.runner`. Without bubblewrap there is no isolation beyond rlimits, a private working directory and a scrubbed environment;
 `run_snippet` then refuses to run unless ``allow_no_network_isolation=True``.
 """
 
@@ -36,16 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import json
 import os
-import platform
 import re
 import secrets
 import selectors
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +53,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keye.errors import ConfigError, ImageLoadError, KeyeInputError
+from keye.tools.bwrap import (
+    SANDBOX_INPUTS,
+    SANDBOX_WORKDIR,
+    bwrap_argv,
+    inside,
+    probe,
+    sandbox_env,
+    seccomp_program,
+    version_tuple,
+)
+from keye.tools.runner import RUNNER
 
 __all__ = [
     "KILLED_BY",
@@ -66,12 +75,6 @@ __all__ = [
 ]
 
 KILLED_BY = ("timeout", "memory", "cpu", "output", "processes")
-
-# Paths inside the sandbox.
-SANDBOX_WORKDIR = "/sandbox"
-SANDBOX_INPUTS = "/inputs"
-# Thyme's training data saves processed images here; inside the sandbox it is a link to the working directory.
-THYME_OUTPUT_DIR = "/mnt/data/temp_processed_images"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A fresh uid per run when the caller is root: above systemd-nspawn's dynamic ranges, below 2**31.
@@ -140,78 +143,6 @@ class SandboxResult:
         return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Isolation probe
-# --------------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def _probe(bwrap: str, python: str, extra_ro_paths: tuple[str, ...]) -> dict:
-    """Start a trivial sandbox once and say what isolation is available (cached per process)."""
-    report: dict = {
-        "backend": "none",
-        "bwrap": None,
-        "bwrap_version": None,
-        "network": False,
-        "filesystem": False,
-        "pid": False,
-        "user": None,
-        "seccomp": False,
-        "rlimits": True,
-        "workdir_size_cap": False,
-        "reason": "",
-    }
-    path = shutil.which(bwrap)
-    if path is None:
-        report["reason"] = f"{bwrap}: not found (install the Debian/Ubuntu package 'bubblewrap')"
-        return report
-    report["bwrap"] = path
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
-        report["bwrap_version"] = out.stdout.strip().split()[-1] if out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError) as exc:
-        report["reason"] = f"{path}: cannot run: {exc}"
-        return report
-    seccomp = _seccomp_program()
-    version = _version_tuple(report["bwrap_version"])
-    if version < (0, 5):
-        report["reason"] = f"{path}: version {report['bwrap_version']} is too old (need 0.5 or newer)"
-        return report
-    argv, fds = _bwrap_argv(
-        path, python, extra_ro_paths, inputs_dir=None, workdir_bytes=1 << 20, seccomp=seccomp, version=version
-    )
-    try:
-        out = subprocess.run(
-            [*argv, _inside(python), "-I", "-S", "-c", "pass"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            pass_fds=fds,
-            env=_sandbox_env(),
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        for fd in fds:
-            os.close(fd)
-    if out.returncode != 0:
-        report["reason"] = (
-            f"{path}: a test sandbox failed (exit {out.returncode}): {out.stderr.strip()[:300]}"
-        )
-        return report
-    root = os.geteuid() == 0
-    report.update(
-        backend="bwrap",
-        network=True,
-        filesystem=True,
-        pid=True,
-        user="fresh unprivileged uid per run" if root else "user namespace, nested user namespaces disabled",
-        seccomp=seccomp is not None,
-        workdir_size_cap=version >= (0, 7),
-        reason="",
-    )
-    return report
-
-
 def isolation_report(config: SandboxConfig | None = None) -> dict:
     """Which isolation `run_snippet` would use here, for `keye info` and the JSON result.
 
@@ -221,7 +152,7 @@ def isolation_report(config: SandboxConfig | None = None) -> dict:
     empty when it works) and summary (one line).
     """
     cfg = config or SandboxConfig()
-    report = dict(_probe(cfg.bwrap, cfg.python, cfg.extra_ro_paths))
+    report = dict(probe(cfg.bwrap, cfg.python, cfg.extra_ro_paths))
     if report["backend"] == "bwrap":
         parts = ["net", "pid", "ipc", "uts", "mount"]
         report["summary"] = (
@@ -231,366 +162,6 @@ def isolation_report(config: SandboxConfig | None = None) -> dict:
     else:
         report["summary"] = f"none: rlimits and a scrubbed environment only ({report['reason']})"
     return report
-
-
-# --------------------------------------------------------------------------------------------------------------
-# bubblewrap command line and seccomp filter
-# --------------------------------------------------------------------------------------------------------------
-
-# Files of /etc the interpreter and the dynamic loader read; the rest of /etc (passwd, shadow, ...) stays hidden.
-_ETC_FILES = (
-    "/etc/ld.so.cache",
-    "/etc/ld.so.conf",
-    "/etc/ld.so.conf.d",
-    "/etc/localtime",
-    "/etc/alternatives",
-    "/etc/fonts",
-)
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-
-
-@functools.lru_cache(maxsize=8)
-def _interpreter_paths(python: str, extra: tuple[str, ...]) -> list[str]:
-    """Host directories that hold the sandbox interpreter and its libraries (mounted read-only)."""
-    if python == sys.executable:
-        prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    else:  # another interpreter: ask it (once: cached)
-        out = subprocess.run(
-            [python, "-I", "-S", "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        prefixes = set(out.stdout.split())
-    real = Path(os.path.realpath(python))
-    prefixes.add(str(real.parent.parent))  # .../bin/python3.x -> its installation prefix
-    paths = sorted(p for p in {os.path.realpath(p) for p in prefixes} | {os.path.realpath(p) for p in extra})
-    # Drop paths that a system directory or another listed path already covers.
-    kept: list[str] = []
-    for p in paths:
-        covered = any(p == d or p.startswith(d + "/") for d in (*_SYSTEM_DIRS, *kept))
-        if not covered and p != "/":
-            kept.append(p)
-    return kept
-
-
-def _inside(path: str) -> str:
-    """Where a host path of the interpreter appears in the sandbox. Inside, /tmp is the working directory, so an
-    interpreter under the host's /tmp (a checkout or CI clone there) is mounted under /.host-tmp instead."""
-    return "/.host-tmp/" + path[len("/tmp/") :] if path.startswith("/tmp/") else path
-
-
-def _version_tuple(version: str | None) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version or "")[:3])
-
-
-def _bwrap_argv(
-    bwrap: str,
-    python: str,
-    extra_ro_paths: Sequence[str],
-    *,
-    inputs_dir: str | None,
-    workdir_bytes: int,
-    seccomp: bytes | None,
-    version: tuple[int, ...] = (0, 8, 0),
-) -> tuple[list[str], list[int]]:
-    """The bwrap command line (without the command) and the file descriptors it must inherit.
-
-    Needs bwrap >= 0.5 (--perms). Older than 0.7 (Ubuntu 22.04 has 0.6) the working directory has no size cap
-    beyond RLIMIT_FSIZE per file; older than 0.8 nested user namespaces are refused by seccomp only.
-    """
-    argv = [bwrap, "--die-with-parent", "--new-session"]
-    argv += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-    if os.geteuid() == 0:
-        # Real root: no user namespace (its uid 0 would still own every host file and bypass RLIMIT_NPROC).
-        # Keep only the two capabilities the runner needs to switch to a fresh uid; switching drops them.
-        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    else:
-        argv += ["--unshare-user", *(["--disable-userns"] if version >= (0, 8) else [])]
-    argv += ["--hostname", "sandbox"]  # the environment is the one Popen passes: _sandbox_env() only
-    for d in _SYSTEM_DIRS:
-        if os.path.islink(d):
-            argv += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            argv += ["--ro-bind", d, d]
-    for f in _ETC_FILES:
-        argv += ["--ro-bind-try", f, f]
-    made: set[str] = set()
-    for p in _interpreter_paths(python, tuple(extra_ro_paths)):
-        # bwrap creates missing parents as 0700; make them traversable for the unprivileged snippet.
-        for parent in reversed(Path(_inside(p)).parents):
-            s = str(parent)
-            if s != "/" and s not in made and not any(s == d or s.startswith(d + "/") for d in _SYSTEM_DIRS):
-                argv += ["--perms", "0755", "--dir", s]
-                made.add(s)
-        argv += ["--ro-bind", p, _inside(p)]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
-    size = ["--size", str(workdir_bytes)] if version >= (0, 7) else []
-    argv += ["--perms", "01777", *size, "--tmpfs", SANDBOX_WORKDIR]
-    argv += ["--symlink", SANDBOX_WORKDIR, "/tmp"]
-    argv += ["--perms", "0755", "--dir", str(Path(THYME_OUTPUT_DIR).parent)]
-    argv += ["--symlink", SANDBOX_WORKDIR, THYME_OUTPUT_DIR]
-    if inputs_dir is not None:
-        argv += ["--ro-bind", inputs_dir, SANDBOX_INPUTS]
-    argv += ["--remount-ro", "/", "--chdir", SANDBOX_WORKDIR]
-    fds: list[int] = []
-    if seccomp is not None:
-        r, w = os.pipe()
-        os.write(w, seccomp)  # a few hundred bytes: fits the pipe buffer
-        os.close(w)
-        argv += ["--seccomp", str(r)]
-        fds.append(r)
-    argv.append("--")
-    return argv, fds
-
-
-# x86-64 syscall numbers (asm/unistd_64.h) that image code never needs and that widen the kernel attack surface.
-_X86_64_DENY = {
-    "ptrace": 101, "syslog": 103, "pivot_root": 155, "chroot": 161, "acct": 163,
-    "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "init_module": 175,
-    "delete_module": 176, "quotactl": 179, "lookup_dcookie": 212, "kexec_load": 246, "add_key": 248,
-    "request_key": 249, "keyctl": 250, "unshare": 272, "perf_event_open": 298, "name_to_handle_at": 303,
-    "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311,
-    "finit_module": 313, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
-    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
-    "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
-}  # fmt: skip
-_X86_64_CLONE = 56
-_X86_64_CLONE3 = 435
-_AUDIT_ARCH_X86_64 = 0xC000003E
-_CLONE_NEW_MASK = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
-
-
-def _seccomp_program() -> bytes | None:
-    """A classic-BPF seccomp filter for bwrap's --seccomp (None where we have no syscall table for the CPU).
-
-    Written out by hand (91 instructions) so that no native dependency such as libseccomp is needed.
-    """
-    if platform.machine() != "x86_64":
-        return None
-    ld_w_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    allow, kill = 0x7FFF0000, 0x80000000  # SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS
-
-    def errno_ret(e: int) -> int:
-        return 0x00050000 | e  # SECCOMP_RET_ERRNO
-
-    prog = [
-        (ld_w_abs, 0, 0, 4),  # A = seccomp_data.arch
-        (jeq, 1, 0, _AUDIT_ARCH_X86_64),
-        (ret, 0, 0, kill),  # i386 / x32 entry points: different syscall numbers, refuse outright
-        (ld_w_abs, 0, 0, 0),  # A = seccomp_data.nr
-        (jge, 0, 1, 0x40000000),  # x32 ABI bit
-        (ret, 0, 0, kill),
-        (
-            jeq,
-            0,
-            1,
-            _X86_64_CLONE3,
-        ),  # clone3 hides its flags in memory: ENOSYS makes glibc fall back to clone
-        (ret, 0, 0, errno_ret(errno.ENOSYS)),
-    ]
-    for nr in sorted(_X86_64_DENY.values()):
-        prog += [(jeq, 0, 1, nr), (ret, 0, 0, errno_ret(errno.EPERM))]
-    prog += [
-        (jeq, 0, 3, _X86_64_CLONE),  # not clone: allow
-        (ld_w_abs, 0, 0, 16),  # A = low 32 bits of args[0] (clone flags)
-        (jset, 0, 1, _CLONE_NEW_MASK),
-        (ret, 0, 0, errno_ret(errno.EPERM)),
-        (ret, 0, 0, allow),
-    ]
-    return b"".join(struct.pack("<HBBI", *ins) for ins in prog)
-
-
-def _sandbox_env() -> dict[str, str]:
-    """The whole environment of the snippet: nothing of the caller's leaks in."""
-    return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": SANDBOX_WORKDIR,
-        "TMPDIR": SANDBOX_WORKDIR,
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "MPLBACKEND": "Agg",
-        "MPLCONFIGDIR": SANDBOX_WORKDIR + "/.matplotlib",
-        # One BLAS/OpenMP thread: threads count against RLIMIT_NPROC, and a thread pool slows numpy's import.
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The runner: executed by the sandbox interpreter with `python -I -B -u -c`. It reads one JSON request on stdin,
-# applies the rlimits, drops privileges, runs the snippet, then streams the saved images and a status line to
-# the status descriptor. It must only use the standard library (and PIL if present, to pre-check image sizes).
-# --------------------------------------------------------------------------------------------------------------
-
-_RUNNER = r"""
-import builtins, errno, gc, json, linecache, os, resource, stat, sys, traceback
-
-def _main():
-    req = json.loads(sys.stdin.buffer.read())
-    status_fd = req["status_fd"]
-    used = sum(os.times()[:2])
-    for name, value in req["rlimits"].items():
-        soft = hard = value
-        if name == "RLIMIT_CPU":  # SIGXCPU at the soft limit, SIGKILL one second later
-            soft = int(used) + value
-            hard = soft + 1
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-    if req["uid"] is not None:
-        os.setgroups([])
-        os.setgid(req["uid"])
-        os.setuid(req["uid"])
-        with open("/proc/self/status") as f:
-            st = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-        for key in ("CapPrm", "CapEff", "CapAmb"):
-            if int(st[key].strip(), 16) != 0:
-                os.write(2, b"sandbox runner: capabilities survived the uid switch; refusing to run\n")
-                os._exit(70)
-        if st["NoNewPrivs"].strip() != "1":
-            os.write(2, b"sandbox runner: no_new_privs is not set; refusing to run\n")
-            os._exit(70)
-    workdir = req["workdir"]
-    os.chdir(workdir)
-
-    class _NoCv2:  # last on sys.meta_path: only reached when no real cv2 is installed
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name == "cv2":
-                raise ModuleNotFoundError(
-                    "No module named 'cv2': OpenCV is not installed in this sandbox; use PIL "
-                    "(Image, ImageOps, ImageEnhance, ImageFilter) and numpy instead", name="cv2")
-            return None
-    sys.meta_path.append(_NoCv2)
-
-    code = req["code"]
-    linecache.cache["<snippet>"] = (len(code), None, code.splitlines(True), "<snippet>")
-    g = {"__name__": "__main__", "__builtins__": builtins, "image_path": req["image_paths"][0] if req["image_paths"] else None,
-         "image_paths": list(req["image_paths"]), "temp_output_dir": workdir}
-    getpid, _exit, write = os.getpid, os._exit, os.write
-    me = getpid()
-    status = {"error": None, "limit": None}
-    try:
-        exec(compile(code, "<snippet>", "exec"), g)
-    except SystemExit as e:
-        if getpid() != me:
-            _exit(0)
-        if e.code not in (None, 0):
-            status["error"] = f"SystemExit: {e.code}"
-    except BaseException as e:
-        if getpid() != me:  # a process the snippet forked: never report
-            _exit(1)
-        status["error"], status["limit"] = _describe(e)
-        try:
-            te = traceback.TracebackException.from_exception(e)
-            te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename != "<string>"])
-            sys.stderr.write("".join(te.format()))
-        except BaseException:
-            pass
-    if getpid() != me:
-        _exit(0)
-    g.clear()
-    gc.collect()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
-    _send(status_fd, workdir, req, status)
-    _exit(0)
-
-def _describe(e):
-    where = ""
-    tb = e.__traceback__
-    line = None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "<snippet>":
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    if isinstance(e, SyntaxError) and e.filename == "<snippet>":
-        line = e.lineno
-    if line is not None:
-        where = f" (line {line})"
-    msg = str(e).splitlines()[0] if str(e) else ""
-    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-    limit = None
-    if isinstance(e, MemoryError):
-        limit = "memory"
-    elif isinstance(e, OSError) and e.errno == errno.EAGAIN:
-        limit = "processes"  # fork/clone refused by RLIMIT_NPROC
-    elif isinstance(e, RuntimeError) and "can't start new thread" in str(e):
-        limit = "processes"
-    elif isinstance(e, OSError) and e.errno in (errno.EFBIG, errno.ENOSPC):
-        limit = "output"  # RLIMIT_FSIZE or the working directory is full
-    return (text[:500] + where), limit
-
-def _send(fd, workdir, req, status):
-    found, dropped = [], []
-    for dirpath, dirnames, filenames in os.walk(workdir):
-        depth = dirpath[len(workdir):].count("/")
-        if depth >= 3:
-            dirnames[:] = []
-        for name in filenames:
-            if not name.lower().endswith((".png", ".jpg", ".jpeg")):
-                continue
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, workdir)
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                dropped.append(f"{rel}: not a regular file")
-                continue
-            found.append((st.st_mtime_ns, rel, path, st.st_size))
-        if len(found) > 1000:
-            break
-    found.sort()
-    try:
-        from PIL import Image
-    except ImportError:
-        Image = None
-    sent = 0
-    for _, rel, path, size in found:
-        if size > req["max_image_bytes"]:
-            dropped.append(f"{rel}: {size} bytes is over the {req['max_image_bytes']}-byte cap")
-            continue
-        if Image is not None:
-            try:
-                with Image.open(path) as im:
-                    w, h = im.size
-            except Exception as e:
-                dropped.append(f"{rel}: not a readable image ({type(e).__name__})")
-                continue
-            if max(w, h) > req["max_image_side"]:
-                dropped.append(f"{rel}: {w}x{h} is over the {req['max_image_side']}-pixel cap")
-                continue
-        if sent >= req["max_images"]:
-            dropped.append(f"{rel}: more than {req['max_images']} images")
-            continue
-        try:
-            fl = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            with os.fdopen(fl, "rb") as f:
-                data = f.read(req["max_image_bytes"] + 1)
-        except OSError as e:
-            dropped.append(f"{rel}: {e.strerror}")
-            continue
-        if len(data) > req["max_image_bytes"]:
-            dropped.append(f"{rel}: over the size cap")
-            continue
-        _write_all(fd, b"I " + json.dumps({"name": rel, "size": len(data)}).encode() + b"\n" + data)
-        sent += 1
-    status["dropped"] = dropped
-    _write_all(fd, b"S " + json.dumps(status).encode() + b"\n")
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-_main()
-"""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -779,21 +350,21 @@ def _execute(
     status_r, status_w = os.pipe()
     pass_fds = [status_w]
     if isolated:
-        argv, bw_fds = _bwrap_argv(
+        argv, bw_fds = bwrap_argv(
             report["bwrap"],
             cfg.python,
             cfg.extra_ro_paths,
             inputs_dir=inputs_dir,
             workdir_bytes=cfg.max_workdir_bytes,
-            seccomp=_seccomp_program(),
-            version=_version_tuple(report["bwrap_version"]),
+            seccomp=seccomp_program(),
+            version=version_tuple(report["bwrap_version"]),
         )
         pass_fds += bw_fds
-        env, cwd = _sandbox_env(), None
+        env, cwd = sandbox_env(), None
     else:
         argv, bw_fds, cwd = [], [], workdir
-        env = {**_sandbox_env(), "HOME": workdir, "TMPDIR": workdir, "MPLCONFIGDIR": workdir + "/.matplotlib"}
-    argv += [_inside(cfg.python) if isolated else cfg.python, "-I", "-B", "-u", "-c", _RUNNER]
+        env = {**sandbox_env(), "HOME": workdir, "TMPDIR": workdir, "MPLCONFIGDIR": workdir + "/.matplotlib"}
+    argv += [inside(cfg.python) if isolated else cfg.python, "-I", "-B", "-u", "-c", RUNNER]
     rlimits = {
         "RLIMIT_CPU": int(cfg.cpu_seconds),
         "RLIMIT_AS": int(cfg.memory_bytes),
