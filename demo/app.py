@@ -14,7 +14,6 @@ Run it with ``keye demo`` (see `keye.demo.cli`). Not for: batch inference or eva
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import queue
 import tempfile
@@ -33,6 +32,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from keye.chat import ChatSession
 from keye.compression import COMPRESSIONS, compressed_video_tokens
 from keye.demo.limits import Limits
+from keye.demo.messages import (
+    error_message,
+    reply_messages,
+    speed_summary,
+    tool_round_messages,
+    tools_status,
+    video_summary,
+)
 from keye.errors import KeyeInputError
 from keye.processing import KeyeProcessor, VideoInput
 
@@ -105,132 +112,6 @@ class _StoppableSession:
         )
         self.new_tokens += reply.num_tokens
         return reply
-
-
-# ------------------------------------------------------------------------------------------------ display helpers
-def split_thinking(text: str) -> tuple[str | None, str, bool]:
-    """Model text -> ``(reasoning, answer, reasoning_still_open)``.
-
-    ``<think>...</think>`` at the start is the reasoning; a ``</think>`` without an opening tag (the template
-    pre-filled ``<think>``) closes reasoning that began at the start. No tags: no reasoning."""
-    stripped = text.lstrip()
-    if stripped.startswith("<think>"):
-        body = stripped[len("<think>") :]
-        end = body.find("</think>")
-        if end == -1:
-            return body.strip(), "", True
-        return body[:end].strip(), body[end + len("</think>") :].strip(), False
-    end = text.find("</think>")
-    if end != -1:
-        return text[:end].strip(), text[end + len("</think>") :].strip(), False
-    return None, text.strip(), False
-
-
-def reply_messages(text: str, *, streaming: bool) -> list[dict]:
-    """Chatbot messages for one reply: the reasoning (collapsed once closed) and the answer."""
-    reasoning, answer, still_open = split_thinking(text)
-    messages = []
-    if reasoning:
-        status = "pending" if streaming and still_open else "done"
-        messages.append(
-            {"role": "assistant", "content": reasoning, "metadata": {"title": "Thinking", "status": status}}
-        )
-    if answer:
-        messages.append({"role": "assistant", "content": answer})
-    elif not streaming and not messages:
-        messages.append({"role": "assistant", "content": "*(empty reply)*"})
-    return messages
-
-
-def tool_round_messages(index: int, rnd) -> list[dict]:
-    """Chatbot messages for one Thyme round (`keye.tools.loop.ToolRound`): the model's reasoning, the code that
-    ran (after repairs), the sandbox's output and the images it saved, nested under one collapsed thought."""
-    parent = f"tool-{index}"
-    parsed, result = rnd.parsed, rnd.result
-    messages = []
-    if parsed.think:
-        messages.append(
-            {"role": "assistant", "content": parsed.think.strip(),
-             "metadata": {"title": f"Round {index}: thinking", "status": "done"}}
-        )  # fmt: skip
-    if result is None:
-        if parsed.kind == "none":  # neither code nor answer: show what the model wrote
-            messages.append(
-                {"role": "assistant", "content": rnd.text.strip() or "(nothing)",
-                 "metadata": {"title": f"Round {index}: no code and no answer", "status": "done"}}
-            )  # fmt: skip
-        return messages
-    status = "ok" if result.ok else f"failed: {result.error or result.killed_by}"
-    messages.append(
-        {"role": "assistant", "content": f"```python\n{result.code.rstrip()}\n```",
-         "metadata": {"title": f"Round {index}: code ({status}, {result.elapsed_s:.2f} s)", "id": parent,
-                      "status": "done"}}
-    )  # fmt: skip
-    output = result.stdout.rstrip()
-    if not result.ok and result.stderr.strip():
-        output += ("\n" if output else "") + result.stderr.rstrip()
-    notes = [f"repair: {r}" for r in result.repairs] + [f"warning: {w}" for w in result.warnings]
-    body = f"```text\n{output or '(no output)'}\n```" + "".join(f"\n- {n}" for n in notes)
-    messages.append(
-        {"role": "assistant", "content": body,
-         "metadata": {"title": "Sandbox output", "parent_id": parent, "status": "done"}}
-    )  # fmt: skip
-    for img in result.images:
-        messages.append(
-            {"role": "assistant", "content": {"path": str(img)},
-             "metadata": {"title": f"Image {Path(img).name}", "parent_id": parent, "status": "done"}}
-        )  # fmt: skip
-    return messages
-
-
-def error_message(err: KeyeInputError | str) -> dict:
-    """A readable chat message for bad input: the file's name (not the server's temp path) and the reason."""
-    if isinstance(err, KeyeInputError):
-        text = f"**{Path(err.source).name}**: {err.message}"
-    else:
-        text = err
-    return {"role": "assistant", "content": f"⚠ {text}"}
-
-
-def video_summary(video: VideoInput, name: str) -> str:
-    """The token count of a planned video, as shown under the film strip."""
-    plan = video.plan.to_dict()
-    kinds = [f["kind"] for f in plan["frames"]]
-    after = plan["tokens_after_compression"]
-    return (
-        f"**{name}**: {plan['duration']:.1f} s, {len(kinds)} frames ({kinds.count('slow')} slow, "
-        f"{kinds.count('fast')} fast) → **{plan['total_tokens']} vision tokens** "
-        f"({plan['slow_tokens_per_frame']} per slow frame, {plan['fast_tokens_per_frame']} per fast) "
-        f"of a {plan['budget']} budget; compression {plan['compress']}: {after} tokens"
-    )
-
-
-def speed_summary(ttft: float | None, seconds: float, reply, stopped: bool) -> str:
-    """Time to first token and decoding speed of one reply (tokens after the first / time after the first).
-
-    ``ttft`` is None when no text appeared (the model ended at once, or produced only special tokens)."""
-    counts = f"{reply.num_tokens} new tokens · prompt {reply.prompt_tokens} tokens" + (
-        " · stopped" if stopped else ""
-    )
-    if ttft is None:
-        return f"no text generated · {counts}"
-    rate = (reply.num_tokens - 1) / (seconds - ttft) if reply.num_tokens > 1 and seconds > ttft else 0.0
-    return f"first token after **{ttft:.2f} s** · **{rate:.1f} tokens/s** · {counts}"
-
-
-def tools_status() -> tuple[bool, str]:
-    """Whether the Tools toggle can be on here, and the line shown under it.
-
-    It needs keye's Thyme loop (`keye.tools.loop.run_tool_loop`) and a sandbox that really isolates the snippet
-    (bubblewrap); the demo never runs model-written code without isolation."""
-    if importlib.util.find_spec("keye.tools.loop") is None:
-        return False, "Not available: this build has no keye.tools.loop."
-    from keye.tools.sandbox import isolation_report
-
-    report = isolation_report()
-    if report["backend"] != "bwrap":
-        return False, f"Not available: the sandbox cannot isolate code here ({report['reason']})."
-    return True, f"Images only; each question runs its own loop. Sandbox: {report['summary']}."
 
 
 def _kind(path: str) -> str | None:

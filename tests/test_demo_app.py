@@ -19,16 +19,15 @@ pytest.importorskip("gradio")
 
 import gradio as gr  # noqa: E402
 
-from keye.demo.app import (  # noqa: E402
-    DemoApp,
-    DemoState,
-    Limits,
+from keye.demo.app import DemoApp, DemoState  # noqa: E402
+from keye.demo.cli import add_parser  # noqa: E402
+from keye.demo.limits import Limits  # noqa: E402
+from keye.demo.messages import (  # noqa: E402
     reply_messages,
     split_thinking,
     tool_round_messages,
     tools_status,
 )
-from keye.demo.cli import add_parser  # noqa: E402
 
 PLAN = (2.0, 16, 1024, "none")  # fps, max frames, token budget (keye-tiny's defaults), compression
 
