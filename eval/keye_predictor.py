@@ -2,8 +2,8 @@
 
 Each video is decoded, encoded (and compressed, with ``--compress dyntok|clapper``) ONCE: `prepare_video` runs the prompt
 prefix that ends with the video (``<|im_start|>user\\n<|vision_start|> ... <|vision_end|>``) through the model and keeps
-its KV cache; every question then only prefills its own text on top of that cache, which is cropped back to the prefix
-afterwards. With ``reuse_cache=False`` the video's tokens are kept instead and the prefix is prefilled per question.
+it as a `CachedPrefix` (keye's one prefix-reuse mechanism, the chat's too); every question then only prefills its own
+text on top of it, which is rewound to the prefix afterwards. With ``reuse_cache=False`` the video's tokens are kept instead and the prefix is prefilled per question.
 """
 
 from __future__ import annotations
@@ -13,22 +13,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from keye import load_pretrained
 from keye.compression import compress_inputs
 from keye.eval.predictor import Prediction, Subtitle
+from keye.prefix import CachedPrefix
 from keye.processing import VideoInput
 
 
 @dataclass
 class PreparedVideo:
     video: VideoInput
-    prefix_ids: torch.Tensor  # (1, L) prompt tokens up to and including <|vision_end|> (after compression)
-    prefix_positions: torch.Tensor  # (3, 1, L)
+    # prompt tokens up to and including <|vision_end|> (after compression), their positions and, with reuse, their
+    # KV cache (without reuse the cache stays empty and the video's tokens are kept instead)
+    prefix: CachedPrefix
     full_prefix_length: int  # the same prefix before compression (where each question's own tokens start)
     position_shift: int  # compressed minus uncompressed position of the text after the video (Clapper: < 0)
-    cache: DynamicCache | None  # KV cache of the prefix; None when reuse is off
     video_embeds: torch.Tensor | None  # the video's tokens, kept when reuse is off
     vision_tokens: int
 
@@ -68,50 +68,40 @@ class KeyePredictor:
                 )
         inputs, n_tokens = compress_inputs(self.model, full, compress)  # encodes the video (once)
         end = int((inputs["input_ids"][0] == self.model.config.vision_end_token_id).nonzero()[-1]) + 1
-        prefix, positions = inputs["input_ids"][:, :end], inputs["position_ids"][:, :, :end]
+        ids, positions = inputs["input_ids"][:, :end], inputs["position_ids"][:, :, :end]
         embeds = inputs["video_embeds"]
-        cache = None
+        prefix = CachedPrefix.empty(self.model)
         if self.reuse_cache:
-            cache = DynamicCache(config=self.model.config.text_config)
-            device = self.model.device
-            with torch.inference_mode():
-                self.model(input_ids=prefix.to(device), position_ids=positions.to(device), video_embeds=embeds,
-                           cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+            prefix.prefill(self.model, ids, positions, video_embeds=embeds)
             embeds = None
+        else:
+            prefix.commit(
+                ids, positions
+            )  # the tokens only: each question runs them again with the video's tokens
+            prefix.cache = None
         # the text after the video continues after the (maybe shorter) compressed layout: shift questions' positions
         shift = int(positions[0, 0, -1] - full["position_ids"][0, 0, full_end - 1])  # both at <|vision_end|>
-        return PreparedVideo(video, prefix, positions, full_end, shift, cache, embeds, n_tokens)
+        return PreparedVideo(video, prefix, full_end, shift, embeds, n_tokens)
 
     def answer(self, prepared: PreparedVideo, prompt: str, *, max_new_tokens: int, think: bool) -> Prediction:
         # The question's own tokens and positions: the part after the video of a freshly processed prompt, its
         # positions moved to follow the compressed video (text positions are equal on the three axes).
         full = self.processor(self._messages(prepared.video, prompt), think=think if think else None)
         suffix = slice(prepared.full_prefix_length, None)
-        ids = torch.cat([prepared.prefix_ids, full["input_ids"][:, suffix]], dim=1)
         question = full["position_ids"][:, :, suffix] + prepared.position_shift
-        positions = torch.cat([prepared.prefix_positions, question], dim=2)
-        device = self.model.device
-        kwargs: dict[str, Any] = dict(
-            input_ids=ids.to(device),
-            attention_mask=torch.ones_like(ids).to(device),
-            position_ids=positions.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
+        prefix = prepared.prefix
+        kwargs: dict[str, Any] = prefix.continue_with(
+            full["input_ids"][:, suffix], question, self.model.device
         )
-        n = prepared.prefix_ids.shape[1]
-        if prepared.cache is not None:
-            kwargs["cache"] = prepared.cache
-        else:
+        kwargs.update(max_new_tokens=max_new_tokens, do_sample=False)
+        if prefix.cache is None:
             kwargs["video_embeds"] = prepared.video_embeds
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**kwargs)
         latency = time.perf_counter() - start
-        if prepared.cache is not None:
-            prepared.cache.crop(
-                n - prepared.cache.get_seq_length()
-            )  # back to the video prefix (negative = drop)
-        new = out[0, ids.shape[1] :]
+        prefix.rewind()  # back to the video prefix for the next question
+        new = out[0, kwargs["input_ids"].shape[1] :]
         return Prediction(
             text=self.processor.decode(new).strip(), num_tokens=int(new.numel()), latency_s=latency
         )

@@ -1,8 +1,8 @@
 """Multi-turn chat over images and videos, with streaming and a KV cache kept across turns.
 
-A `ChatSession` holds the token ids, M-RoPE positions and KV cache of the conversation so far. Each new turn
-tokenizes only the new user message (and encodes only its new images/videos); the earlier turns, videos included,
-stay in the cache, so a second question about the same video does not run the vision tower again.
+A `ChatSession` holds the conversation so far as a `CachedPrefix` (token ids, M-RoPE positions, KV cache). Each new
+turn tokenizes only the new user message (and encodes only its new images/videos); the earlier turns, videos
+included, stay in the cache, so a second question about the same video does not run the vision tower again.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
 from keye.compression import compress_inputs, compressor
 from keye.modeling import KeyeForConditionalGeneration
+from keye.prefix import CachedPrefix
 from keye.processing import VISION_INPUTS, KeyeProcessor, VideoInput
 
 
@@ -46,49 +47,36 @@ class ChatSession:
         self.compress = compressor(compress)  # chosen once: an unknown name fails here, not at the first turn
         self.video_overrides = video_overrides
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.ids = torch.zeros(
-            1, 0, dtype=torch.long
-        )  # (1, T) everything the cache holds, generated tokens too
-        self.positions = torch.zeros(3, 1, 0, dtype=torch.long)  # (3, 1, T)
-        self.cache = DynamicCache(config=model.config.text_config)
+        self.prefix = CachedPrefix.empty(model)  # everything said so far, generated tokens too
         self.videos: list[VideoInput] = []
         self.last_reply: Reply | None = None
 
     def _new_turn_inputs(self, content: list[dict]):
         """Tokens of the new user turn (+ generation prompt), positions continuing after the conversation so far."""
         turn = [{"role": "user", "content": content}]
-        if not self.ids.shape[1]:
+        if not self.prefix.length:
             turn = self.messages + turn
         processed = self.processor(turn, think=self.think, **self.video_overrides)
         inputs, _ = compress_inputs(self.model, processed, self.compress)
         inputs["videos"] = processed.videos
         ids, pos = inputs["input_ids"], inputs["position_ids"]
-        if self.ids.shape[1]:
+        if self.prefix.length:
             # Close the previous assistant turn exactly as a full re-render of the conversation would.
             eos = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-            closing = [eos] if self.ids[0, -1].item() != eos else []
+            closing = [eos] if self.prefix.ids[0, -1].item() != eos else []
             closing = torch.tensor(
                 [closing + self.processor.tokenizer("\n", add_special_tokens=False)["input_ids"]]
             )
             ids = torch.cat([closing, ids], dim=1)
             pos = torch.cat([torch.arange(closing.shape[1]).expand(3, 1, -1), pos + closing.shape[1]], dim=2)
-            pos = pos + int(self.positions.max()) + 1
+            pos = pos + self.prefix.next_position()
         return inputs, ids, pos
 
     def _generate_kwargs(self, content, max_new_tokens, gen_kwargs):
         inputs, new_ids, new_pos = self._new_turn_inputs(content)
         device = self.model.device
-        ids = torch.cat([self.ids, new_ids], dim=1)
-        pos = torch.cat([self.positions, new_pos], dim=2)
-        kwargs = dict(
-            input_ids=ids.to(device),
-            attention_mask=torch.ones_like(ids).to(device),
-            position_ids=pos.to(device),
-            cache=self.cache,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            **gen_kwargs,
-        )
+        kwargs = self.prefix.continue_with(new_ids, new_pos, device)
+        kwargs.update(max_new_tokens=max_new_tokens, do_sample=False, **gen_kwargs)
         for key in (*VISION_INPUTS, "video_embeds"):
             if key in inputs:
                 kwargs[key] = inputs[key].to(device)
@@ -99,9 +87,9 @@ class ChatSession:
         new_tokens = out_ids[:, prompt_len:].cpu()
         n = new_tokens.shape[1]
         start = int(kwargs["position_ids"].max()) + 1
-        self.ids = torch.cat([kwargs["input_ids"].cpu(), new_tokens], dim=1)
-        self.positions = torch.cat(
-            [kwargs["position_ids"].cpu(), torch.arange(start, start + n).expand(3, 1, -1)], 2
+        self.prefix.commit(
+            torch.cat([kwargs["input_ids"].cpu(), new_tokens], dim=1),
+            torch.cat([kwargs["position_ids"].cpu(), torch.arange(start, start + n).expand(3, 1, -1)], 2),
         )
         text = self.processor.decode(new_tokens[0], skip_special_tokens=True).strip()
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": text}]

@@ -19,8 +19,8 @@ def test_second_question_does_not_reencode_the_video(keye_tiny, sample_video, mo
     # The cached conversation is token-for-token what a fresh render of it gives.
     full = processor(session.messages[:-1], think=None)
     n = full["input_ids"].shape[1]
-    assert session.ids[0, :n].tolist() == full["input_ids"][0].tolist()
-    assert session.positions[:, 0, :n].tolist() == full["position_ids"][:, 0].tolist()
+    assert session.prefix.ids[0, :n].tolist() == full["input_ids"][0].tolist()
+    assert session.prefix.positions[:, 0, :n].tolist() == full["position_ids"][:, 0].tolist()
     # ... and what the cache holds gives the logits a fresh forward of that render gives (not only the same ids)
     import torch
 
@@ -32,12 +32,14 @@ def test_second_question_does_not_reencode_the_video(keye_tiny, sample_video, mo
             position_ids=full["position_ids"],
             **{k: full[k] for k in VISION_INPUTS if k in full},
         ).logits[0, -1]
-        session.cache.crop(n - 1 - session.cache.get_seq_length())  # keep the first n - 1 tokens
+        session.prefix.cache.crop(
+            n - 1 - session.prefix.cache.get_seq_length()
+        )  # keep the first n - 1 tokens
         cached = model(
-            input_ids=session.ids[:, n - 1 : n],
-            position_ids=session.positions[:, :, n - 1 : n],
+            input_ids=session.prefix.ids[:, n - 1 : n],
+            position_ids=session.prefix.positions[:, :, n - 1 : n],
             attention_mask=torch.ones(1, n, dtype=torch.long),
-            cache=session.cache,
+            cache=session.prefix.cache,
         ).logits[0, -1]
     torch.testing.assert_close(cached, fresh, atol=2e-4, rtol=1e-4)
 
