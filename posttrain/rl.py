@@ -38,7 +38,6 @@ import copy
 import json
 import logging
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,6 @@ from typing import Any
 import torch
 
 from keye.errors import ConfigError
-from keye.posttrain.ats import thyme_score
 from keye.posttrain.filtering import ReplayBuffer, filter_by_pass_rate
 from keye.posttrain.gspo import group_advantages, gspo_loss
 from keye.posttrain.hints import HintLevel, sample_with_hints
@@ -59,9 +57,9 @@ from keye.posttrain.prompts import (
     write_rl_prompts,
 )
 from keye.posttrain.rewards import Reference, RewardSpec, build_reward, make_verifier
-from keye.posttrain.rollout import GroupRollout, policy_logprobs, sample_group
+from keye.posttrain.rollout import GroupRollout, policy_logprobs
+from keye.posttrain.samplers import make_sampler
 from keye.posttrain.sft import PostTrainConfig, PostTrainer
-from keye.posttrain.thyme import ToolGroupRollout, sample_tool_group, tool_metrics, tool_response
 from keye.tools.loop import TOOL_SYSTEM_PROMPT
 from keye.tools.sandbox import SandboxConfig
 from keye.training import load_config
@@ -253,51 +251,17 @@ class RLTrainer(PostTrainer):
             for k, v in (("fps", d.fps), ("max_frames", d.max_frames), ("token_budget", d.token_budget))
             if v is not None
         }
+        self.sampler = make_sampler(rl, self.overrides, self.acc.autocast)  # plain or tool conversations
         if rl.prefilter_samples > 0:
             self._prefilter()
         return self
 
     # ------------------------------------------------------------------------------------------------ sampling
     def _sample(self, messages: list[dict], g: int | None = None) -> GroupRollout:
-        rl = self.cfg.rl
-        if rl.tools.enabled:
-            # The sandbox's images are processed as they come back: the folder can go with the group.
-            with tempfile.TemporaryDirectory(prefix="keye-thyme-") as tmp:
-                return sample_tool_group(
-                    self._unwrapped(),
-                    self.processor,
-                    messages,
-                    g or rl.group_size,
-                    max_rounds=rl.tools.max_rounds,
-                    max_new_tokens=rl.max_new_tokens,
-                    sandbox=rl.tools.sandbox(),
-                    out_dir=tmp,
-                    system=rl.tools.system_prompt,
-                    temperature=rl.temperature,
-                    code_temperature=rl.tools.code_temperature,
-                    think=rl.think,
-                    autocast=self.acc.autocast,
-                    **self.overrides,
-                )
-        return sample_group(
-            self._unwrapped(),
-            self.processor,
-            messages,
-            g or rl.group_size,
-            max_new_tokens=rl.max_new_tokens,
-            temperature=rl.temperature,
-            top_p=rl.top_p,
-            top_k=rl.top_k,
-            think=rl.think,
-            **self.overrides,
-        )
+        return self.sampler.group(self._unwrapped(), self.processor, messages, g or self.cfg.rl.group_size)
 
     def _rewards(self, rollout: GroupRollout, ref: Reference) -> list[float]:
-        """The configured reward of each response; for tool conversations Thyme's (kept in ``rollout.scores``)."""
-        if isinstance(rollout, ToolGroupRollout):
-            rollout.scores = [thyme_score(t, self.reward, ref) for t in rollout.traces]
-            return [s.reward for s in rollout.scores]
-        return [float(self.reward(t, ref)) for t in rollout.texts]
+        return self.sampler.rewards(rollout, self.reward, ref)
 
     def _prefilter(self) -> None:
         """Keep the prompts whose pass rate over ``prefilter_samples`` responses is strictly in (0, 1); the result is
@@ -372,22 +336,6 @@ class RLTrainer(PostTrainer):
         rl = self.cfg.rl
         if not rl.eval_manifest:
             return None
-        respond = None
-        if rl.tools.enabled:
-
-            def respond(messages):
-                return tool_response(
-                    self._unwrapped(),
-                    self.processor,
-                    messages,
-                    max_rounds=rl.tools.max_rounds,
-                    max_new_tokens=rl.max_new_tokens,
-                    sandbox=rl.tools.sandbox(),
-                    system=rl.tools.system_prompt,
-                    think=rl.think,
-                    **self.overrides,
-                )
-
         return evaluate_accuracy(
             self._unwrapped(),
             self.processor,
@@ -397,7 +345,7 @@ class RLTrainer(PostTrainer):
             max_new_tokens=rl.max_new_tokens,
             think=rl.think,
             overrides=self.overrides,
-            respond=respond,
+            respond=self.sampler.respond(self._unwrapped(), self.processor),
         )
 
     def _log_eval(self, when: str, result: dict | None) -> None:
@@ -406,12 +354,6 @@ class RLTrainer(PostTrainer):
         logger.info("held-out accuracy %s: %.3f (%d prompts)", when, result["accuracy"], result["n"])
         with open(self.out / "eval.jsonl", "a") as fh:
             fh.write(json.dumps({"when": when, "step": self.step, **result}) + "\n")
-
-    def _log_traces(self, rollout: ToolGroupRollout) -> None:
-        """A step's first group of tool conversations, one JSON line each, to ``tool_traces.jsonl``."""
-        with open(self.out / "tool_traces.jsonl", "a") as fh:
-            for trace, score in zip(rollout.traces, rollout.scores):
-                fh.write(json.dumps({"step": self.step, **score.as_dict(), "trace": trace.to_dict()}) + "\n")
 
     # The core loop (`keye.training.Trainer.train`) owns accumulation, clipping, precision, schedule, checkpoints;
     # this recipe supplies micro-batches of sampled groups and their GSPO loss summed over groups.
@@ -515,10 +457,9 @@ class RLTrainer(PostTrainer):
             stats = stats[-len(stats) // self.updates_per_step() :]
             for key in ("ratio_mean", "ratio_min", "ratio_max", "clip", "kl"):
                 m[key] = sum(getattr(s, key) for s in stats) / len(stats)
-        if rl.tools.enabled:
-            m.update(tool_metrics([r for r, _ in groups]))
-            if self.acc.is_main_process:
-                self._log_traces(groups[0][0])
+        m.update(
+            self.sampler.step_metrics([r for r, _ in groups], self.out, self.step, self.acc.is_main_process)
+        )
         return m
 
     def train(self) -> list[dict]:

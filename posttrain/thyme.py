@@ -155,8 +155,9 @@ class ToolSamplingSession(ChatSession):
         """The sampled conversation of ``trace``; the session's KV cache is released."""
         if self.prompt_length is None:
             raise ValueError("the session has not sampled anything yet")
-        self.cache = None  # the conversation is kept, the cache (the big part) is not
-        return ToolConversation(self.ids, self.positions, self.prompt_length, self.turns, self.vision, trace)
+        self.prefix.cache = None  # the conversation is kept, the cache (the big part) is not
+        ids, positions = self.prefix.ids, self.prefix.positions
+        return ToolConversation(ids, positions, self.prompt_length, self.turns, self.vision, trace)
 
 
 def tool_prompt(messages: Sequence[dict]) -> tuple[str, list[str]]:

@@ -235,7 +235,7 @@ def test_scripted_code_round_masks_the_sandbox_and_records_temperatures(tiny, im
     for row, (session, _) in enumerate(rows):
         sampled = []
         for turn, record in zip(session.turns, session.records):
-            toks = session.ids[0, turn.start : turn.start + turn.length]
+            toks = session.prefix.ids[0, turn.start : turn.start + turn.length]
             sampled += [lp[t] for lp, t in zip(record.logps, toks)]
         sampled = torch.stack(sampled)  # (model tokens,)
         text = rollout.temperatures[row][rollout.response_mask[row].bool()] == 1.0

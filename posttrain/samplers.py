@@ -1,0 +1,118 @@
+"""How GSPO draws and scores a group of responses: plain text (`PlainSampler`) or Thyme tool conversations whose code
+runs in the sandbox (`ToolSampler`). `make_sampler` chooses once, from ``rl.tools.enabled``; the trainer then only
+calls the strategy.
+
+Not for the sampling itself (`keye.posttrain.rollout.sample_group`, `keye.posttrain.thyme.sample_tool_group`) or the
+loss (`keye.posttrain.rl`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from keye.posttrain.ats import thyme_score
+from keye.posttrain.rewards import Reference
+from keye.posttrain.rollout import GroupRollout, sample_group
+from keye.posttrain.thyme import ToolGroupRollout, sample_tool_group, tool_metrics, tool_response
+
+if TYPE_CHECKING:
+    from keye.posttrain.rl import GSPOConfig
+
+__all__ = ["PlainSampler", "ToolSampler", "make_sampler"]
+
+
+class PlainSampler:
+    """G plain responses per prompt at ``rl.temperature`` / ``top_p`` / ``top_k``, each scored by the reward."""
+
+    def __init__(self, rl: GSPOConfig, overrides: dict, autocast: Callable):
+        self.rl, self.overrides, self.autocast = rl, overrides, autocast
+
+    def group(self, model, processor, messages: list[dict], g: int) -> GroupRollout:
+        rl = self.rl
+        return sample_group(
+            model,
+            processor,
+            messages,
+            g,
+            max_new_tokens=rl.max_new_tokens,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            top_k=rl.top_k,
+            think=rl.think,
+            **self.overrides,
+        )
+
+    def rewards(self, rollout: GroupRollout, reward, ref: Reference) -> list[float]:
+        return [float(reward(t, ref)) for t in rollout.texts]
+
+    def respond(self, model, processor) -> Callable[[list[dict]], str] | None:
+        """How a held-out prompt is answered (None: one greedy ``generate``, `evaluate_accuracy`'s own)."""
+        return None
+
+    def step_metrics(self, groups: list[GroupRollout], out: Path, step: int, main: bool) -> dict:
+        return {}
+
+
+class ToolSampler(PlainSampler):
+    """G tool conversations per prompt (text at ``rl.temperature``, code at ``rl.tools.code_temperature``), scored by
+    Thyme's reward (kept in ``rollout.scores``); the step's first group goes to ``tool_traces.jsonl``."""
+
+    def group(self, model, processor, messages: list[dict], g: int) -> ToolGroupRollout:
+        rl, tools = self.rl, self.rl.tools
+        # The sandbox's images are processed as they come back: the folder can go with the group.
+        with tempfile.TemporaryDirectory(prefix="keye-thyme-") as tmp:
+            return sample_tool_group(
+                model,
+                processor,
+                messages,
+                g,
+                max_rounds=tools.max_rounds,
+                max_new_tokens=rl.max_new_tokens,
+                sandbox=tools.sandbox(),
+                out_dir=tmp,
+                system=tools.system_prompt,
+                temperature=rl.temperature,
+                code_temperature=tools.code_temperature,
+                think=rl.think,
+                autocast=self.autocast,
+                **self.overrides,
+            )
+
+    def rewards(self, rollout: ToolGroupRollout, reward, ref: Reference) -> list[float]:
+        rollout.scores = [thyme_score(t, reward, ref) for t in rollout.traces]
+        return [s.reward for s in rollout.scores]
+
+    def respond(self, model, processor) -> Callable[[list[dict]], str]:
+        rl, tools = self.rl, self.rl.tools
+
+        def answer(messages: list[dict]) -> str:
+            return tool_response(
+                model,
+                processor,
+                messages,
+                max_rounds=tools.max_rounds,
+                max_new_tokens=rl.max_new_tokens,
+                sandbox=tools.sandbox(),
+                system=tools.system_prompt,
+                think=rl.think,
+                **self.overrides,
+            )
+
+        return answer
+
+    def step_metrics(self, groups: list[ToolGroupRollout], out: Path, step: int, main: bool) -> dict:
+        if main:
+            first = groups[0]
+            with open(out / "tool_traces.jsonl", "a") as fh:
+                for trace, score in zip(first.traces, first.scores):
+                    fh.write(json.dumps({"step": step, **score.as_dict(), "trace": trace.to_dict()}) + "\n")
+        return tool_metrics(groups)
+
+
+def make_sampler(rl: GSPOConfig, overrides: dict, autocast: Callable) -> PlainSampler:
+    """The run's sampling strategy, chosen once."""
+    return (ToolSampler if rl.tools.enabled else PlainSampler)(rl, overrides, autocast)
