@@ -75,4 +75,5 @@ class CachedPrefix:
     def rewind(self) -> None:
         """Drop from the cache what a generation added after the prefix."""
         if self.cache is not None and self.cache.get_seq_length() > self.length:
-            self.cache.crop(self.length - self.cache.get_seq_length())  # this transformers takes the count to drop
+            # DynamicCache.crop takes the (negative) count to drop here, not the length to keep
+            self.cache.crop(self.length - self.cache.get_seq_length())
