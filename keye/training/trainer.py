@@ -123,7 +123,8 @@ class Trainer:
     """Setup, train, save, export: the one loop of the pretraining stages, SFT, DPO/MPO and GSPO (Thyme too).
 
     A recipe overrides what it supplies (`make_stream`, `micro_batches`, `_count`, `_micro_loss`, `step_metrics`,
-    `updates_per_step`, `add_adapters`); the loop owns accumulation, clipping, mixed precision, schedule, logging and checkpoints."""
+    `updates_per_step`, `add_adapters`, `add_head`); the loop owns accumulation, clipping, mixed precision, schedule,
+    logging and checkpoints."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
