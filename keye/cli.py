@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     from keye.eval.cli import add_parser as add_eval
     from keye.posttrain.cli import add_parser as add_posttrain
     from keye.pretrain.cli import add_parser as add_pretrain
+    from keye.serve.cli import add_parser as add_serve
     from keye.tools.cli import add_parser as add_tools
 
     add_tools(sub)
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain(sub)
     add_posttrain(sub)
     add_demo(sub)
+    add_serve(sub)
     return parser
 
 
