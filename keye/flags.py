@@ -4,7 +4,7 @@
     cfg = SlowFastConfig(**given(args, SlowFastConfig))
 
 A field ``max_frames`` becomes ``--max-frames`` (``rename`` maps a field to another flag name); its type comes from the
-annotation (``int``, ``float``, ``str``, ``Path``, ``bool`` as ``--x/--no-x``, ``X | None`` as ``X``); every flag defaults
+annotation (``int``, ``float``, ``str``, ``Path``, ``bool`` as ``--x/--no-x``, ``X | None`` as ``X``, ``list[X]`` as ``--x A B``); every flag defaults
 to None, so `given` returns only what the user set and the config's own defaults (or a model's) apply to the rest.
 Light: dataclasses and argparse only, for commands that must start fast (``keye frames``).
 """
@@ -24,7 +24,7 @@ _TYPES = {int: int, float: float, str: str, Path: Path}
 
 def _flag_type(annotation) -> type:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if args:  # X | None
+    if args and typing.get_origin(annotation) is not list:  # X | None
         annotation = args[0]
     return annotation
 
@@ -57,6 +57,9 @@ def add_flags(
             )
         elif kind in _TYPES:
             parser.add_argument(flag, dest=f.name, type=_TYPES[kind], default=None, help=text)
+        elif typing.get_origin(kind) is list and typing.get_args(kind)[0] in _TYPES:
+            item = _TYPES[typing.get_args(kind)[0]]
+            parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=None, help=text)
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line flag for type {kind!r}")
 

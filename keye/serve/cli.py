@@ -1,7 +1,8 @@
 """``keye serve``: `add_parser` hangs it under keye's CLI; flags are generated from `ServeConfig`.
 
     keye serve [--model keye-tiny] [--host 127.0.0.1] [--port 8000] [--allowed-local-media-path DIR]
-               [--max-upload-mb 200] [--queue-size 16] [--max-tokens 1024] [--config FILE] [key=value ...]
+               [--allowed-media-domains HOST ...] [--max-upload-mb 200] [--max-batch 8] [--queue-size 16]
+               [--max-tokens 1024] [--config FILE] [key=value ...]
 
 FastAPI and the model are imported only when the command runs, so ``keye --help`` stays fast.
 """
@@ -25,8 +26,10 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     allowed_local_media_path: str | None = None  # local files under this folder may be sent by path
+    allowed_media_domains: list[str] | None = None  # hosts whose http(s) media urls are fetched
     max_upload_mb: float = 200.0  # one decoded upload; the request body may be a third larger (base64)
-    queue_size: int = 16  # requests waiting behind the running one; more get 429
+    max_batch: int = 8  # requests decoded together
+    queue_size: int = 16  # requests waiting for a place in the batch; more get 429
     max_tokens: int = 1024  # cap on a request's max_tokens
     prefix_cache_size: int = 8  # media prefixes (and planned videos) kept
 

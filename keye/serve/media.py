@@ -3,8 +3,9 @@
 Parts: ``{"type": "text"}``, ``{"type": "image_url", "image_url": {"url"}}``, ``{"type": "video_url", "video_url":
 {"url"}}``. A url is ``data:<mime>;base64,<data>`` (written once to the media folder, named by its content's
 SHA-256, so the same video sent twice is one file and one cache key), ``data:video/jpeg;base64,<f1>,<f2>,...`` (a
-list of JPEG frames, as vLLM takes it: written as the frame images of one video), or a local path / ``file://`` url
-under ``allowed_local`` (symlinks resolved first; nothing outside it). http(s) urls are refused.
+list of JPEG frames, as vLLM takes it: written as the frame images of one video), a local path / ``file://`` url
+under ``allowed_local`` (symlinks resolved first; nothing outside it), or an http(s) url whose host is one of
+``allowed_domains`` (none by default; no redirects followed, at most ``max_bytes`` read).
 
 Every refusal is an `APIError` naming the content part (``messages[i].content[j]``) and why.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -52,6 +53,8 @@ class MediaResolver:
     folder: Path
     allowed_local: Path | None = None
     max_bytes: int = 200 << 20
+    allowed_domains: list[str] = field(default_factory=list)
+    timeout: float = 30.0
 
     def messages(self, messages: list[dict]) -> tuple[list[dict], list[str]]:
         """keye messages (content parts ``text`` / ``image`` / ``video`` with file paths) and the SHA-256 of every
@@ -97,7 +100,7 @@ class MediaResolver:
             return self._data_url(url, media, where)
         parsed = urlparse(url)
         if parsed.scheme in ("http", "https"):
-            raise APIError(400, f"{where}: remote media urls are not allowed on this server", param=where)
+            return self._download(url, parsed.hostname or "", media, where)
         if parsed.scheme not in ("", "file"):
             raise APIError(400, f"{where}: unsupported url scheme {parsed.scheme!r}", param=where)
         if self.allowed_local is None:
@@ -142,12 +145,47 @@ class MediaResolver:
         suffix = _SUFFIX.get(mime)
         if suffix is None or not mime.startswith(media + "/"):
             raise APIError(400, f"{where}: {mime or 'no type'} is not a supported {media} type", param=where)
+        return self._store(blobs[0], key, suffix), key
+
+    def _download(self, url: str, host: str, media: str, where: str) -> tuple[Path, str]:
+        if host.lower() not in {d.lower() for d in self.allowed_domains}:
+            raise APIError(
+                400,
+                f"{where}: media from {host or url} is not allowed (see --allowed-media-domains)",
+                param=where,
+            )
+        import httpx
+
+        data = bytearray()
+        try:
+            with httpx.stream("GET", url, timeout=self.timeout, follow_redirects=False) as r:
+                if r.status_code != 200:
+                    raise APIError(400, f"{where}: fetching the url gave HTTP {r.status_code}", param=where)
+                mime = r.headers.get("content-type", "").split(";")[0].strip().lower()
+                for chunk in r.iter_bytes():
+                    data += chunk
+                    if len(data) > self.max_bytes:
+                        raise APIError(
+                            413, f"{where}: download larger than {self.max_bytes >> 20} MB", param=where
+                        )
+        except httpx.HTTPError as e:
+            raise APIError(
+                400, f"{where}: fetching the url failed: {type(e).__name__}", param=where
+            ) from None
+        suffix = _SUFFIX.get(mime) or Path(urlparse(url).path).suffix.lower()
+        if suffix not in {v for k, v in _SUFFIX.items() if k.startswith(media + "/")}:
+            raise APIError(400, f"{where}: {mime or 'no type'} is not a supported {media} type", param=where)
+        key = hashlib.sha256(data).hexdigest()
+        return self._store(bytes(data), key, suffix), key
+
+    def _store(self, blob: bytes, key: str, suffix: str) -> Path:
+        """Write ``blob`` once as ``<key><suffix>`` in the media folder."""
         path = self.folder / f"{key}{suffix}"
         if not path.exists():
             tmp = path.with_suffix(suffix + ".tmp")
-            tmp.write_bytes(blobs[0])
+            tmp.write_bytes(blob)
             tmp.replace(path)
-        return path, key
+        return path
 
     def _frame_list(self, frames: list[bytes], key: str, where: str) -> Path:
         """JPEG frames as one video file the decoder reads (1 frame a second, near-lossless h264), so Slow-Fast plans

@@ -1,0 +1,98 @@
+"""Continuous batching (`keye.batching`) against transformers' own ``generate``: the same tokens for each sequence
+whether it decodes alone or joins and leaves a running batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from keye.batching import BatchDecoder, Sequence, prefill
+from keye.prefix import CachedPrefix
+from keye.processing import VISION_INPUTS
+
+
+@pytest.fixture(scope="module")
+def prompts(keye_tiny, sample_video):
+    model, processor = keye_tiny
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (84, 112, 3), dtype=np.uint8))
+    conversations = [
+        [
+            {"type": "video", "video": str(sample_video)},
+            {"type": "text", "text": "What colour is the shape?"},
+        ],
+        [{"type": "image", "image": image}, {"type": "text", "text": "Describe the picture."}],
+        "Name three colours.",
+    ]
+    return [processor([{"role": "user", "content": c}]) for c in conversations]
+
+
+def _start(model, inputs, **settings) -> Sequence:
+    kwargs = CachedPrefix.empty(model).continue_with(
+        inputs["input_ids"], inputs["position_ids"], model.device
+    )
+    vision = {k: inputs[k] for k in VISION_INPUTS if k in inputs}
+    return Sequence(**prefill(model, kwargs, **vision), **settings)
+
+
+def _generate_alone(model, inputs, n: int) -> list[int]:
+    """transformers' greedy decoding, never stopping early (its end token one the model cannot write)."""
+    kwargs = CachedPrefix.empty(model).continue_with(
+        inputs["input_ids"], inputs["position_ids"], model.device
+    )
+    vision = {k: inputs[k] for k in VISION_INPUTS if k in inputs}
+    out = model.generate(
+        **kwargs, **vision, max_new_tokens=n, do_sample=False, eos_token_id=model.config.video_token_id
+    )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_batched_greedy_decoding_equals_generate_alone(keye_tiny, prompts):
+    model, processor = keye_tiny
+    lengths = [24, 17, 10]
+    expected = [_generate_alone(model, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    decoder = BatchDecoder(model, processor.tokenizer)
+    rows = []
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        rows.append(_start(model, p, max_new_tokens=n, ignore_eos=True))
+        decoder.add(rows[-1])  # joins a batch already decoding (different cache lengths: left padding)
+        for _ in range(2 * i + 1):
+            decoder.step()
+    while decoder:
+        decoder.step()  # rows leave at different steps
+    for row, want in zip(rows, expected, strict=True):
+        assert row.tokens == want and row.finish_reason == "length"
+        assert row.text == processor.tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_stop_strings_cancel_and_seeded_sampling(keye_tiny, prompts):
+    model, processor = keye_tiny
+    reference = processor.tokenizer.decode(_generate_alone(model, prompts[0], 12), skip_special_tokens=True)
+    stop = reference[3:6]
+    decoder = BatchDecoder(model, processor.tokenizer)
+    pieces: list[str] = []
+    stopped = _start(
+        model, prompts[0], max_new_tokens=12, ignore_eos=True, stop=[stop], on_text=pieces.append
+    )
+    cancelled = _start(model, prompts[2], max_new_tokens=50, ignore_eos=True)
+    sampled = _start(model, prompts[1], max_new_tokens=8, ignore_eos=True, temperature=1.0, seed=7)
+    for row in (stopped, cancelled, sampled):
+        decoder.add(row)
+    decoder.step()
+    cancelled.cancelled = True
+    while decoder:
+        decoder.step()
+    assert stopped.finish_reason == "stop" and stopped.text == reference[: reference.find(stop)]
+    assert "".join(pieces) == stopped.text  # streamed pieces never showed part of the stop string
+    assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) == 1
+    alone = _start(model, prompts[1], max_new_tokens=8, ignore_eos=True, temperature=1.0, seed=7)
+    decoder.add(alone)
+    while decoder:
+        decoder.step()
+    assert alone.tokens == sampled.tokens  # the seed decides, not the batch's other rows
+    other = _start(model, prompts[1], max_new_tokens=8, ignore_eos=True, temperature=1.0, seed=8)
+    decoder.add(other)
+    while decoder:
+        decoder.step()
+    assert other.tokens != sampled.tokens
