@@ -14,6 +14,7 @@ BENCHES = [
     "bench.bench_compression",
     "bench.bench_encoders",
     "bench.bench_sandbox",
+    "bench.bench_serve",
     "bench.bench_training",
 ]
 

@@ -30,10 +30,11 @@ __all__ = ["BatchDecoder", "Sequence", "prefill"]
 
 
 @torch.inference_mode()
-def prefill(model, kwargs: dict, **vision) -> dict:
+def prefill(model, kwargs: dict, *, keep: int | None = None, **vision) -> dict:
     """Run a prompt (``CachedPrefix.continue_with``'s ``input_ids``, ``position_ids``, ``cache``, with its vision
     inputs) and return what a `Sequence` starts from: its own copy of the KV cache, the next token's logits and
-    position. The cache passed in is left as it was (a shared prefix can serve the next request)."""
+    position. The cache passed in ends holding its first ``keep`` tokens (default: what it held before), so a shared
+    prefix can serve the next request, or a new one be kept from this pass."""
     cache = kwargs.get("cache")
     before = cache.get_seq_length() if cache is not None else 0
     if cache is None:
@@ -49,9 +50,11 @@ def prefill(model, kwargs: dict, **vision) -> dict:
         logits_to_keep=1,
         **{k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in vision.items()},
     )
-    layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    if before:
-        cache.crop(-ids.shape[1])  # the shared prefix again
+    # no copy: a DynamicCache never writes into its tensors (it concatenates into new ones, crops by slicing)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    keep = before if keep is None else keep
+    if cache.get_seq_length() > keep:
+        cache.crop(keep - cache.get_seq_length())
     return {
         "cache": layers,
         "logits": out.logits[0, -1].float(),

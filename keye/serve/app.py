@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -39,8 +40,11 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def build_app(model, processor, cfg: ServeConfig, *, model_name: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``model`` (its uploads live in a temporary folder removed at shutdown)."""
+def build_app(
+    model, processor, cfg: ServeConfig, *, model_name: str | None = None, engine_thread: bool = True
+) -> FastAPI:
+    """The FastAPI app serving ``model`` (its uploads live in a temporary folder removed at shutdown). The engine
+    runs on a thread of its own, or (``engine_thread=False``) wherever ``app.state.engine.run_forever()`` is called."""
     media_dir = Path(tempfile.mkdtemp(prefix="keye-serve-"))
 
     @asynccontextmanager
@@ -51,7 +55,7 @@ def build_app(model, processor, cfg: ServeConfig, *, model_name: str | None = No
             shutil.rmtree(media_dir, ignore_errors=True)
 
     app = FastAPI(title="keye serve", lifespan=lifespan)
-    engine = Engine(model, processor, cfg, media_dir)
+    engine = Engine(model, processor, cfg, media_dir, thread=engine_thread)
     app.state.engine = engine
     name = model_name or cfg.model
 
@@ -185,12 +189,26 @@ async def _events(engine: Engine, job: Job, rid: str, created: int, name: str, i
 
 
 def run(cfg: ServeConfig) -> None:
-    """Load the model and serve until interrupted."""
+    """Load the model and serve until interrupted: uvicorn on a thread, the engine on this one (which loaded the
+    model; see `Engine.run_forever`)."""
     import uvicorn
 
     from keye import load_pretrained
 
     model, processor = load_pretrained(cfg.model)
-    app = build_app(model, processor, cfg)
+    app = build_app(model, processor, cfg, engine_thread=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="keye-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise SystemExit(f"keye serve: cannot listen on {cfg.host}:{cfg.port} (port in use? try --port)")
+        time.sleep(0.05)
     print(f"keye serve: {cfg.model} on http://{cfg.host}:{cfg.port}/v1", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    engine = app.state.engine
+    threading.Thread(target=lambda: (http.join(), engine.stop()), daemon=True).start()
+    try:
+        engine.run_forever()
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
