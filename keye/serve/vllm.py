@@ -15,7 +15,9 @@ official processor:
 - ``media_io_kwargs.video.num_frames``: vLLM cuts a ``data:video/jpeg`` frame list to ``num_frames`` (32 by default,
   ``vllm/multimodal/media/video.py``), so the helper sets it to the plan's frame count; ``fps`` is the plan's rate.
 
-All frames travel at the slow frames' size (a frame list is one array); the processor shrinks the fast ones.
+All frames travel at the slow frames' size (a frame list is one array); the processor shrinks the fast ones. The
+request fields themselves (``mm_processor_kwargs``, ``media_io_kwargs``, ``chat_template_kwargs``) are those of vLLM
+0.33.0's ``ChatCompletionRequest`` (``vllm/entrypoints/openai/chat_completion/protocol.py``).
 
     from keye.serve.vllm import ask
     print(ask("http://gpu-host:8000/v1", "clip.mp4", "What happens?"))
