@@ -10,6 +10,7 @@ import functools
 import http.server
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,14 +32,25 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(request, *args: str) -> tuple[subprocess.Popen, str]:
-    """A live ``keye serve`` (keye-tiny) on a free loopback port; killed when the test module ends."""
-    port = _port()
+def _launch(
+    request, *args: str, port: int | None = None, tmp: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """A live ``keye serve`` (keye-tiny) on a free loopback port; stopped (Ctrl-C, then killed) at the end."""
+    port = port or _port()
+    env = {**os.environ, "TQDM_DISABLE": "1", **({"TMPDIR": str(tmp)} if tmp else {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "keye.cli", "serve", "--port", str(port), *args],
-        env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    request.addfinalizer(proc.kill)
+
+    def stop():
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    request.addfinalizer(stop)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -304,3 +316,22 @@ def test_full_queue_is_429_and_a_disconnected_client_stops_its_generation(reques
     assert time.time() - started < 20  # far less than 1,000 more tokens
     assert metric("keye_requests_cancelled_total") == 1 and metric("keye_running_requests") == 0
     assert metric("keye_generated_tokens_total") < 200
+
+
+def test_busy_port_is_one_line_and_ctrl_c_removes_the_upload_folder(request, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "keye.cli", "serve", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and r.stdout == ""
+    assert (
+        r.stderr.strip()
+        == f"keye serve: cannot listen on 127.0.0.1:{port} (in use? pick another with --port)"
+    )
+    proc, _ = _launch(request, tmp=tmp_path)
+    assert len(list(tmp_path.glob("keye-serve-*"))) == 1
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 130
+    assert not list(tmp_path.glob("keye-serve-*"))

@@ -191,10 +191,18 @@ async def _events(engine: Engine, job: Job, rid: str, created: int, name: str, i
 def run(cfg: ServeConfig) -> None:
     """Load the model and serve until interrupted: uvicorn on a thread, the engine on this one (which loaded the
     model; see `Engine.run_forever`)."""
+    import socket
+
     import uvicorn
 
     from keye import load_pretrained
 
+    busy = f"keye serve: cannot listen on {cfg.host}:{cfg.port} (in use? pick another with --port)"
+    with socket.socket() as probe:  # before loading the model: a busy port fails at once
+        try:
+            probe.bind((cfg.host, cfg.port))
+        except OSError:
+            raise SystemExit(busy) from None
     model, processor = load_pretrained(cfg.model)
     app = build_app(model, processor, cfg, engine_thread=False)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
@@ -202,7 +210,7 @@ def run(cfg: ServeConfig) -> None:
     http.start()
     while not server.started:
         if not http.is_alive():
-            raise SystemExit(f"keye serve: cannot listen on {cfg.host}:{cfg.port} (port in use? try --port)")
+            raise SystemExit(busy)
         time.sleep(0.05)
     print(f"keye serve: {cfg.model} on http://{cfg.host}:{cfg.port}/v1", flush=True)
     engine = app.state.engine
