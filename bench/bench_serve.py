@@ -77,7 +77,9 @@ def _stream(client, messages: list[dict], **extra) -> dict:
 
 def _throughput(client, videos: list[Path], clients: int, **extra) -> tuple[float, list[dict]]:
     def one(video: Path) -> dict:
-        return _stream(client, [{"role": "user", "content": _content(video, "What happens in the video?")}], **extra)
+        return _stream(
+            client, [{"role": "user", "content": _content(video, "What happens in the video?")}], **extra
+        )
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -171,9 +173,14 @@ def main() -> dict:
                     )
                     http_times.append(time.perf_counter() - t)
                 else:
-                    reply = ChatSession(model, processor).ask(question, videos=[str(video)], max_new_tokens=32)
+                    reply = ChatSession(model, processor).ask(
+                        question, videos=[str(video)], max_new_tokens=32
+                    )
                     local_times.append(time.perf_counter() - t)
-            assert reply.text.strip() == r.choices[0].message.content, (reply.text, r.choices[0].message.content)
+            assert reply.text.strip() == r.choices[0].message.content, (
+                reply.text,
+                r.choices[0].message.content,
+            )
         h, loc = statistics.median(http_times), statistics.median(local_times)
         results["http_overhead"] = (h - loc) / h
         print(f"HTTP path {h:.3f} s vs in-process ChatSession {loc:.3f} s end to end (median of {len(http_times)}): "

@@ -274,7 +274,7 @@ class Engine:
                     if self.pending and len(self.decoder) < self.cfg.max_batch
                     else None
                 )
-            if job is not None and not job.cancelled:  # one new request per step: the others keep decoding
+            if job is not None and not job.cancelled:  # one new request per step (a cancelled one is dropped)
                 try:
                     self._start(job)
                 except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
@@ -284,8 +284,6 @@ class Engine:
                         e = APIError(400, one_line(str(e)), param="messages")
                     error = e if isinstance(e, APIError) else APIError(500, one_line(str(e)))
                     job.send("error", error)
-            elif job is not None:
-                job.send("done", None)
             if len(self.decoder):
                 try:
                     self.decoder.step()
