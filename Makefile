@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 		|| echo "warning: chromium missing; the demo's browser test is skipped (it fails under CI)"
 	touch $(STAMP)
 
-# The Gradio chat with keye-tiny (prints the local URL). `make quickstart` asks one question on the command line.
+# The Gradio chat with keye-tiny (prints the local URL); `make demo PORT=7861 HOST=0.0.0.0` to listen elsewhere.
+# `make quickstart` asks one question on the command line.
 demo: setup
-	$(PY) -m keye.cli demo
+	$(PY) -m keye.cli demo $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 quickstart: setup
 	$(PY) -m keye.demo.quickstart

@@ -5,8 +5,13 @@ video (`KeyeProcessor.load_video`: Slow-Fast frames within the token budget), an
 session generates, streaming, with the KV cache kept across turns (a follow-up question does not re-encode the
 video). Nothing here runs the model another way.
 
-    build_app(model, processor, model_name=..., limits=Limits()) -> gr.Blocks
+    build_app(model, processor, model_name=..., work_dir=..., limits=Limits()) -> gr.Blocks
     launch(app, limits, host=..., port=..., share=...)      # queue with bounded concurrency, upload size limit
+
+What the page promises is what happens: the model's card (`keye.configuration.ModelCard`) says what it can do and
+toggles it was not trained for are disabled with the reason; the media the panel calls "in the conversation" are
+the media the next prompt carries (a tool turn's image is sent to the chat again if the chat has not seen it); a
+generated example keeps its questions and expected answers beside the model's answers, marked right or wrong.
 
 Run it with ``keye demo`` (see `keye.demo.cli`). Not for: batch inference or evaluation (``keye chat``,
 ``keye.eval``).
@@ -36,12 +41,14 @@ from keye.demo.messages import (
     error_message,
     reply_messages,
     speed_summary,
+    tool_answer,
     tool_round_messages,
     tools_status,
     video_summary,
 )
 from keye.errors import KeyeInputError
 from keye.processing import KeyeProcessor, VideoInput
+from keye.synthetic import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +59,17 @@ THINK_VALUES = {"auto": None, "on": True, "off": False}
 COMPRESSION_LABELS = {"none": "none", "dyntok": "DynTok", "clapper": "Clapper"}
 EXAMPLE_PROMPT = "What happens in this video?"
 PENDING_NOTE = "  \n*Goes with your next question.*"
-SENT_NOTE = "  \n*In the conversation: follow-up questions reuse it without encoding it again.*"
+SENT_NOTE = "  \n*In the conversation: follow-up questions are about it too.*"
+TEXT_ONLY_NOTE = (
+    "ℹ No video or image in this conversation, so {model} answers from your text alone. Upload a file or generate "
+    "an example to ask about one."
+)
+UNTRAINED_CLAPPER = (
+    "⚠ This model has no trained Clapper: an untrained one pools the frames' tokens, and answers may suffer."
+)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the same upload, not an equal one
 class Media:
     """An uploaded file, checked and (for a video) already planned, waiting to go with the next question."""
 
@@ -72,10 +86,18 @@ class DemoState:
 
     history: list[dict] = field(default_factory=list)  # chatbot messages, the single source of what is shown
     session: ChatSession | None = None
+    in_session: list[Media] = field(default_factory=list)  # media the chat session's cache holds
     pending: Media | None = None
-    sent: list[Media] = field(default_factory=list)  # media already in the conversation
+    sent: list[Media] = field(default_factory=list)  # media in the conversation (chat or tool turns)
+    example: Sample | None = None  # the generated example up, with its questions and answers
+    graded: dict[str, tuple[str, bool]] = field(default_factory=dict)  # example question -> (answer, right)
     stop: threading.Event = field(default_factory=threading.Event)
     busy: threading.Lock = field(default_factory=threading.Lock)
+
+    def drop_session(self) -> None:
+        """Forget the chat session (its cache may hold a half-finished turn); the media stay in the
+        conversation and go with the next question again."""
+        self.session, self.in_session = None, []
 
 
 class _StopOnEvent(StoppingCriteria):
@@ -119,19 +141,56 @@ def _kind(path: str) -> str | None:
     return "video" if suffix in VIDEO_SUFFIXES else "image" if suffix in IMAGE_SUFFIXES else None
 
 
+def _same_question(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def truth_panel(sample: Sample, graded: dict[str, tuple[str, bool]], model_name: str) -> str:
+    """The generated example's ground truth: what the clip shows and each preset question's expected answer, with
+    the model's answer and a right/wrong mark once asked."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = [f"| Question | Expected | {model_name} |", "|---|---|---|"]
+    for qa in sample.questions:
+        said = graded.get(qa.question)
+        mark = "" if said is None else f"{cell(said[0]) or '(nothing)'} {'✓' if said[1] else '✗'}"
+        rows.append(f"| {cell(qa.question)} | **{cell(qa.answer)}** | {mark} |")
+    right = sum(ok for _, ok in graded.values())
+    score = f" · {right} of {len(graded)} right so far" if graded else ""
+    return f"**Generated example**: *{sample.caption}*{score}\n\n" + "\n".join(rows)
+
+
 # ------------------------------------------------------------------------------------------------ the app
 class DemoApp:
     """The event handlers, bound to one model. Every handler returns the per-session `DemoState`."""
 
-    def __init__(self, model, processor: KeyeProcessor, *, model_name: str, limits: Limits):
+    def __init__(self, model, processor: KeyeProcessor, *, model_name: str, limits: Limits, work_dir: Path):
         self.model = model
         self.processor = processor
         self.model_name = model_name
         self.limits = limits
-        # Generated examples and the tool loop's images; under the system temp folder, which Gradio serves.
-        self.work_dir = Path(tempfile.mkdtemp(prefix="keye-demo-"))
+        self.card = model.config.card
+        # Generated examples and the tool loop's images. The caller owns the folder (`run` removes it on exit).
+        self.work_dir = Path(work_dir)
         self._example_lock = threading.Lock()
         self._example_count = 0
+
+    def toggles(self) -> dict[str, tuple[bool, str | None]]:
+        """Whether the thinking and tools controls can be used with this model here, and the line under each."""
+        name = self.model_name
+        think = (
+            (True, None)
+            if self.card.thinking
+            else (False, f"{name} was not trained to reason step by step: it answers directly.")
+        )
+        sandbox_ok, sandbox_info = tools_status()
+        if not self.card.tools:
+            tools = (False, f"{name} has not learned to write code for the tools yet.")
+        else:
+            tools = (sandbox_ok, sandbox_info)
+        return {"think": think, "tools": tools}
 
     # ---------------------------------------------------------------- media
     def _overrides(self, fps: float, max_frames: float, token_budget: float) -> dict:
@@ -187,31 +246,56 @@ class DemoApp:
                 self.model, self.processor, video, compress
             )
         summary = video_summary(video, name)
+        if compress == "clapper" and self.model.clapper is None:
+            summary += "  \n" + UNTRAINED_CLAPPER
         return (
             Media("video", path, name, video, summary),
             filmstrip(video.plan, video.frames, per_row=4),
             summary,
         )
 
-    def on_media(self, path: str | None, st: DemoState | None, fps, max_frames, token_budget, compress):
+    def on_media(
+        self, path: str | None, st: DemoState | None, fps, max_frames, token_budget, compress, example=None
+    ):
         """A file was uploaded (or set): check and plan it, or say in the chat why it cannot be used (and drop it).
 
-        Returns ``(file box, state, chatbot, film strip, token count)``. A dropped file clears the film strip only
-        when it showed the dropped file, not a video already in the conversation."""
+        Returns ``(file box, state, chatbot, film strip, token count, player, truth panel, preset questions)``. A
+        dropped file clears the film strip and player only when they showed the dropped file, not a video already
+        in the conversation. An upload replaces the generated example's panel (``example``: the `Sample` of a
+        generated clip)."""
         st = st or DemoState()
         dropped = gr.skip() if st.pending is None else None
         st.pending = None
+        if example is not None or path:
+            st.example, st.graded = example, {}
+        truth, presets = self._example_outputs(st)
         if not path:
-            return None, st, st.history, dropped, dropped
+            return None, st, st.history, dropped, dropped, dropped, truth, presets
         try:
             media, strip, summary = self.check_media(
                 path, self._overrides(fps, max_frames, token_budget), compress
             )
         except KeyeInputError as e:
             st.history.append(error_message(e))
-            return None, st, st.history, dropped, dropped
+            return None, st, st.history, dropped, dropped, dropped, truth, presets
         st.pending = media
-        return gr.skip(), st, st.history, strip, summary + PENDING_NOTE
+        if media.kind == "video":
+            label, player = (
+                "Sampled frames (green: slow, orange: fast; time, kind, tokens)",
+                gr.update(value=path, visible=True),
+            )
+        else:
+            label, player = "The image (its size as the model sees it is below)", gr.update(visible=False)
+        strip = gr.update(value=strip, label=label)
+        return gr.skip(), st, st.history, strip, summary + PENDING_NOTE, player, truth, presets
+
+    def _example_outputs(self, st: DemoState) -> tuple[str, Any]:
+        """The truth panel and the preset-question choices for the example up (empty and hidden without one)."""
+        if st.example is None:
+            return "", gr.update(choices=[], value=None, visible=False)
+        truth = truth_panel(st.example, st.graded, self.model_name)
+        choices = [qa.question for qa in st.example.questions]
+        return truth, gr.update(choices=choices, value=None, visible=True)
 
     def on_settings(self, st: DemoState | None, fps, max_frames, token_budget, compress):
         """fps / frames / budget / compression changed: re-plan the video waiting to be sent, so its token count
@@ -237,10 +321,9 @@ class DemoApp:
             self._example_count += 1
         path = self.work_dir / "examples" / f"example-{seed}.mp4"
         sample = make_demo_video(path, seed=seed, duration=6.0, size=(180, 320), fps=12)
-        _, st, history, strip, summary = self.on_media(str(path), st, fps, max_frames, token_budget, compress)
+        out = self.on_media(str(path), st, fps, max_frames, token_budget, compress, example=sample)
         question = sample.questions[0].question if sample.questions else EXAMPLE_PROMPT
-        summary += f"  \nWhat the clip shows: *{sample.caption}*"
-        return str(path), st, history, strip, summary, question
+        return (str(path), *out[1:], question)
 
     # ---------------------------------------------------------------- chat
     def respond(
@@ -248,46 +331,84 @@ class DemoApp:
     ) -> Iterator[tuple]:
         """Stream the answer to ``message`` (with the pending media, if any) into the chat.
 
-        Yields ``(chatbot messages, prompt box, state, speed line, file box, token count)``; once its file goes
-        into the conversation the file box is emptied, ready for the next upload."""
+        Yields ``(chatbot messages, prompt box, state, speed line, file box, token count, truth panel)``; once its
+        file goes into the conversation the file box is emptied, ready for the next upload (the player and, for a
+        generated example, the truth panel keep showing it)."""
         st = st or DemoState()
         text = (message or "").strip()
         if not text:
-            yield st.history, message, st, gr.skip(), gr.skip(), gr.skip()
+            yield st.history, message, st, gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         if not st.busy.acquire(blocking=False):
             st.history.append(error_message("Still answering the previous question; press Stop first."))
-            yield st.history, message, st, gr.skip(), gr.skip(), gr.skip()
+            yield st.history, message, st, gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         try:
-            media = st.pending
-            shown = f"*[{media.name}]*\n\n{text}" if media else text
-            st.history.append({"role": "user", "content": shown})
+            use_tools = tools and self.toggles()["tools"][0]
+            carried = self._media_for_turn(st, use_tools)
+            names = ", ".join(m.name for m in carried)
+            st.history.append({"role": "user", "content": f"*[{names}]*\n\n{text}" if carried else text})
+            note = TEXT_ONLY_NOTE.format(model=self.model_name)
+            if st.pending is None and not st.sent and all(m["content"] != note for m in st.history):
+                st.history.append({"role": "assistant", "content": note})  # once per conversation
             st.stop.clear()
-            if media:
-                yield st.history, "", st, "…", None, media.summary + SENT_NOTE
-            else:
-                yield st.history, "", st, "…", gr.skip(), gr.skip()
-            turn = self._tool_turn if tools and tools_status()[0] else self._chat_turn
+            media = st.pending
+            tokens = media.summary + SENT_NOTE if media else gr.skip()
+            yield st.history, "", st, "…", None if media else gr.skip(), tokens, gr.skip()
+            if (
+                not self.card.thinking
+            ):  # its control is disabled: never send a mode the model was not trained for
+                think = "auto"
+            turn = self._tool_turn if use_tools else self._chat_turn
             for out in turn(text, st, THINK_VALUES[think], compress, int(max_new_tokens)):
-                yield *out, gr.skip(), gr.skip()
+                yield *out, gr.skip(), gr.skip(), gr.skip()
+            if self._grade(text, st):
+                yield st.history, "", st, gr.skip(), gr.skip(), gr.skip(), self._example_outputs(st)[0]
         finally:
             st.busy.release()
+
+    def _media_for_turn(self, st: DemoState, tools: bool) -> list[Media]:
+        """The media the next prompt carries: for a chat turn, every medium of the conversation its session has not
+        seen (one sent in a tool turn goes to the chat now) and the waiting one; for a tool turn, the last image."""
+        waiting = [st.pending] if st.pending else []
+        if tools:
+            return [m for m in [*st.sent, *waiting] if m.kind == "image"][-1:]
+        return [m for m in st.sent if m not in st.in_session] + waiting
+
+    def _grade(self, text: str, st: DemoState) -> bool:
+        """After a turn: if the question is one of the example's, mark the answer right or wrong beside it (and in
+        the truth panel). Returns whether it did."""
+        example = st.example
+        if example is None or not st.history or st.history[-1]["role"] != "assistant":
+            return False
+        qa = next((q for q in example.questions if _same_question(q.question, text)), None)
+        answer = st.history[-1]["content"]
+        if qa is None or not isinstance(answer, str) or answer.startswith(("⚠", "ℹ", "*(")):
+            return False
+        ok = qa.is_correct(answer)
+        st.graded[qa.question] = (answer.strip(), ok)
+        verdict = "✓ **Right**" if ok else "✗ **Wrong**"
+        st.history = [
+            *st.history,
+            {"role": "assistant", "content": f"{verdict}: the clip's answer is **{qa.answer}**."},
+        ]
+        return True
 
     def _chat_turn(
         self, text: str, st: DemoState, think: bool | None, compress: str, max_new_tokens: int
     ) -> Iterator[tuple]:
         """One turn of the conversation's `ChatSession`, streamed token by token."""
-        media = st.pending
+        carried = self._media_for_turn(st, tools=False)
         if st.session is None:
             st.session = ChatSession(self.model, self.processor)
         st.session.think = think  # both apply from this turn on; earlier turns stay in the cache as they were
         st.session.compress = compress
-        videos = [media.video] if media and media.kind == "video" else []
-        images = [media.path] if media and media.kind == "image" else []
+        videos = [m.video for m in carried if m.kind == "video"]
+        images = [m.path for m in carried if m.kind == "image"]
         base = list(st.history)
-        start, first, reply_text, finished = time.perf_counter(), None, "", False
+        finished = False
         try:
+            reply_text = ""
             for piece in st.session.stream(
                 text,
                 images=images,
@@ -295,8 +416,6 @@ class DemoApp:
                 max_new_tokens=max_new_tokens,
                 stopping_criteria=StoppingCriteriaList([_StopOnEvent(st.stop)]),
             ):
-                if first is None and piece:
-                    first = time.perf_counter() - start
                 reply_text += piece
                 st.history = base + reply_messages(reply_text, streaming=True)
                 yield st.history, "", st, gr.skip()
@@ -310,24 +429,23 @@ class DemoApp:
         except Exception as e:
             finished = True
             logger.exception("generation failed")
-            st.session = None  # its cache may hold a half-finished turn
+            st.drop_session()
             st.history = [
                 *base,
-                error_message(f"Something went wrong ({type(e).__name__}: {e}); conversation reset."),
+                error_message(f"Something went wrong ({type(e).__name__}: {e}); the answer was dropped."),
             ]
             yield st.history, "", st, ""
             return
         finally:
             if not finished:  # closed mid-stream (client gone): end generation, drop the inconsistent session
                 st.stop.set()
-                st.session = None
+                st.drop_session()
         reply = st.session.last_reply
-        if media:
-            st.sent.append(media)
-            st.pending = None
+        st.in_session += carried
+        st.sent += [m for m in carried if m not in st.sent]
+        st.pending = None
         st.history = base + reply_messages(reply.text, streaming=False)
-        seconds = time.perf_counter() - start
-        yield st.history, "", st, speed_summary(first, seconds, reply, st.stop.is_set())
+        yield st.history, "", st, speed_summary(reply, st.stop.is_set())
 
     def _tool_turn(
         self, text: str, st: DemoState, think: bool | None, compress: str, max_new_tokens: int
@@ -339,8 +457,8 @@ class DemoApp:
         from keye.tools.loop import TOOL_SYSTEM_PROMPT, run_tool_loop
         from keye.tools.sandbox import SandboxUnavailableError
 
-        media = st.pending
-        images = [m.path for m in [*st.sent, *([media] if media else [])] if m.kind == "image"][-1:]
+        carried = self._media_for_turn(st, tools=True)
+        images = [m.path for m in carried]
         base = list(st.history)
         if not images:
             st.history = [*base, error_message("Tools work on images: upload an image first.")]
@@ -372,8 +490,8 @@ class DemoApp:
             st.history = base + shown
             yield st.history, "", st, gr.skip()
         seconds = time.perf_counter() - start
-        if media:
-            st.sent.append(media)
+        if st.pending is not None:
+            st.sent.append(st.pending)  # in the conversation; the chat session has not seen it (`in_session`)
             st.pending = None
         error = outcome.get("error")
         if isinstance(error, _Stopped):
@@ -392,12 +510,7 @@ class DemoApp:
                 error_message(f"Something went wrong ({type(error).__name__}: {error})."),
             ]
         else:
-            trace = outcome["trace"]
-            answer = trace.answer
-            if answer is None:  # show what the model said last, and that it never answered in the format
-                last = trace.rounds[-1].text.strip() if trace.rounds else ""
-                answer = f"{last}\n\n*(no `<answer>` given; the loop stopped: {trace.stopped})*"
-            st.history = [*base, *shown, {"role": "assistant", "content": answer}]
+            st.history = [*base, *shown, *tool_answer(outcome["trace"])]
         stats = (
             f"{n_rounds} model turns in **{seconds:.1f} s** · {session.new_tokens} new tokens "
             "(the tool loop shows whole turns, not single tokens)"
@@ -410,10 +523,14 @@ class DemoApp:
             st.stop.set()
 
     def on_clear(self, st: DemoState | None):
-        """Forget the conversation, its cache and any media."""
+        """Forget the conversation, its cache, any media and the example.
+
+        Returns ``(state, chatbot, film strip, token count, speed line, file box, prompt box, player, truth panel,
+        preset questions)``."""
         if st is not None:
             st.stop.set()
-        return DemoState(), [], None, "", "", None, ""
+        truth, presets = self._example_outputs(DemoState())
+        return DemoState(), [], None, "", "", None, "", gr.update(value=None, visible=False), truth, presets
 
 
 # The film strip's label and buttons float over the picture: keep its first row of frames clear of them.
@@ -424,20 +541,33 @@ CSS = """
 """
 
 
-def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limits | None = None) -> gr.Blocks:
-    """The Blocks app for one loaded model. Call `launch` (or ``.queue().launch()``) to serve it."""
+def header(model_name: str, device: str, card, limits: Limits) -> str:
+    """The page's opening lines: the model, what it can do (its card), the limits."""
+    lines = [f"## keye · {model_name} on {device}"]
+    if card.notes:
+        lines.append(card.notes)
+    if card.answers:
+        lines.append(f"**Answers:** {card.answers}.")
+    lines.append(
+        f"Upload a video or an image (at most {limits.max_upload_mb:g} MB; videos up to {limits.max_duration_s:g} s) "
+        "or generate an example, then ask. Follow-up questions reuse the encoded video (the KV cache is kept), so "
+        "only the first answer pays for the frames."
+    )
+    return "\n\n".join(lines)
+
+
+def build_app(
+    model, processor: KeyeProcessor, *, model_name: str, work_dir: Path, limits: Limits | None = None
+) -> gr.Blocks:
+    """The Blocks app for one loaded model; generated files go under ``work_dir``, which the caller removes. Call
+    `launch` (or ``.queue().launch()``) to serve it."""
     limits = limits or Limits()
-    demo = DemoApp(model, processor, model_name=model_name, limits=limits)
+    demo = DemoApp(model, processor, model_name=model_name, limits=limits, work_dir=work_dir)
     s = processor.settings.video  # the Slow-Fast config the sliders start from
-    device = str(model.device)
-    tools_ok, tools_info = tools_status()
+    toggles = demo.toggles()
+    clapper_info = None if model.clapper is not None else "Clapper: " + UNTRAINED_CLAPPER.lstrip("⚠ ")
     with gr.Blocks(title="keye demo") as app:
-        gr.Markdown(
-            f"## keye · {model_name} on {device}\n"
-            f"Upload a video or an image (at most {limits.max_upload_mb:g} MB; videos up to "
-            f"{limits.max_duration_s:g} s) or generate an example, then ask. Follow-up questions reuse the "
-            "encoded video (the KV cache is kept), so only the first answer pays for the frames."
-        )
+        gr.Markdown(header(model_name, str(model.device), demo.card, limits), elem_id="header")
         state = gr.State(None, time_to_live=3600)
         with gr.Row():
             with gr.Column(scale=3):
@@ -463,15 +593,15 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
                     stop = gr.Button("Stop", elem_id="stop", variant="stop", size="sm")
                     clear = gr.Button("Clear", elem_id="clear", size="sm")
                 stats = gr.Markdown(elem_id="stats")
+                truth = gr.Markdown(elem_id="truth")
+                presets = gr.Radio([], label="Questions about this example", elem_id="presets", visible=False)
             with gr.Column(scale=2):
-                media = gr.File(
-                    label="Video or image",
-                    elem_id="media",
-                    file_types=list(VIDEO_SUFFIXES + IMAGE_SUFFIXES),
-                    type="filepath",
-                    height=120,
-                )
+                # Every file reaches `on_media`, which explains in the chat what it cannot use (no browser pop-up).
+                media = gr.File(label="Video or image", elem_id="media", type="filepath", height=120)
                 example = gr.Button("Generate an example video", elem_id="example", size="sm")
+                player = gr.Video(
+                    label="The video", elem_id="player", interactive=False, visible=False, height=240
+                )
                 strip = gr.Image(
                     label="Sampled frames (green: slow, orange: fast; time, kind, tokens)",
                     elem_id="filmstrip",
@@ -481,7 +611,16 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
                 )
                 tokens = gr.Markdown(elem_id="tokens")
                 with gr.Accordion("Settings", open=True):
-                    think = gr.Radio(THINK_CHOICES, value="auto", label="Thinking", elem_id="think")
+                    think_ok, think_info = toggles["think"]
+                    think = gr.Radio(
+                        THINK_CHOICES,
+                        value="auto",
+                        label="Thinking",
+                        elem_id="think",
+                        interactive=think_ok,
+                        info=think_info,
+                    )
+                    tools_ok, tools_info = toggles["tools"]
                     tools = gr.Checkbox(
                         label="Tools (Thyme: the model writes code, a sandbox runs it)",
                         value=False,
@@ -505,7 +644,7 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
                         value="none",
                         label="Token compression (of video frames)",
                         elem_id="compress",
-                        info=None if "clapper" in COMPRESSIONS else "Clapper is not wired into chat yet.",
+                        info=clapper_info,
                     )
                     max_new = gr.Slider(
                         1, limits.max_new_tokens, value=min(256, limits.max_new_tokens), step=1,
@@ -513,7 +652,7 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
                     )  # fmt: skip
 
         plan_inputs = [fps, max_frames, budget, compress]
-        media_outputs = [media, state, chatbot, strip, tokens]
+        media_outputs = [media, state, chatbot, strip, tokens, player, truth, presets]
         media.upload(demo.on_media, [media, state, *plan_inputs], media_outputs, api_name="load_media")
         media.clear(demo.on_media, [media, state, *plan_inputs], media_outputs, api_name=False)
         for control in plan_inputs:
@@ -524,23 +663,19 @@ def build_app(model, processor: KeyeProcessor, *, model_name: str, limits: Limit
                 api_name=False,
                 trigger_mode="always_last",
             )
-        example.click(
-            demo.on_example,
-            [state, *plan_inputs],
-            [media, state, chatbot, strip, tokens, prompt],
-            api_name="example",
-        )
+        example.click(demo.on_example, [state, *plan_inputs], [*media_outputs, prompt], api_name="example")
+        presets.select(lambda q: q, [presets], [prompt], api_name=False)
         chat_args = dict(
             fn=demo.respond,
             inputs=[prompt, state, think, tools, compress, max_new],
-            outputs=[chatbot, prompt, state, stats, media, tokens],
+            outputs=[chatbot, prompt, state, stats, media, tokens, truth],
             concurrency_id="generate",
         )
         send.click(**chat_args, api_name="chat")
         prompt.submit(**chat_args, api_name=False)
         # Stop and Clear must not wait behind the generation they interrupt: no concurrency limit.
         stop.click(demo.on_stop, [state], None, api_name="stop", concurrency_limit=None)
-        clear_outputs = [state, chatbot, strip, tokens, stats, media, prompt]
+        clear_outputs = [state, chatbot, strip, tokens, stats, media, prompt, player, truth, presets]
         clear.click(demo.on_clear, [state], clear_outputs, api_name="clear", concurrency_limit=None)
         # The chat's own bin icon clears the display; forget the conversation with it.
         chatbot.clear(demo.on_clear, [state], clear_outputs, api_name=False, concurrency_limit=None)
@@ -555,9 +690,11 @@ def launch(
     port: int = 7860,
     share: bool = False,
     block: bool = True,
+    allowed_paths: list[str] | None = None,
 ):
     """Serve ``app``: a queue of at most ``limits.queue_size`` waiting requests, ``limits.concurrency``
-    generations at once, uploads over ``limits.max_upload_mb`` refused."""
+    generations at once, uploads over ``limits.max_upload_mb`` refused; files under ``allowed_paths`` (the work
+    folder) may be shown."""
     limits = limits or Limits()
     app.queue(default_concurrency_limit=limits.concurrency, max_size=limits.queue_size)
     return app.launch(
@@ -569,28 +706,32 @@ def launch(
         show_error=False,
         quiet=True,
         css=CSS,
+        allowed_paths=allowed_paths,
     )
 
 
 def run(
     model_name: str = "keye-tiny",
     *,
+    work_dir: Path,
     host: str = "127.0.0.1",
     port: int = 7860,
     share: bool = False,
     limits: Limits | None = None,
-    block: bool = True,
-) -> Any:
-    """Load ``model_name`` with `load_pretrained`, build the app and serve it; prints the local URL."""
+) -> None:
+    """Load ``model_name`` with `load_pretrained`, build the app and serve it until interrupted; prints the local
+    URL. Generated files go under ``work_dir`` (``keye demo`` makes it and removes it on exit)."""
     from keye import load_pretrained
 
     limits = limits or Limits()
     model, processor = load_pretrained(model_name)
-    app = build_app(model, processor, model_name=model_name, limits=limits)
-    launch(app, limits, host=host, port=port, share=share, block=False)
-    print(f"keye demo ({model_name}) running on {app.local_url}", flush=True)
+    name = Path(model_name).name  # a folder's name, not its whole path
+    app = build_app(model, processor, model_name=name, limits=limits, work_dir=work_dir)
+    launch(app, limits, host=host, port=port, share=share, block=False, allowed_paths=[str(work_dir)])
+    print(f"keye demo ({name}) running on {app.local_url}", flush=True)
     if app.share_url:
         print(f"public URL: {app.share_url}", flush=True)
-    if block:
+    try:
         app.block_thread()
-    return app
+    finally:
+        app.close()

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from keye.config import load
 from keye.demo.limits import Limits
 from keye.flags import add_flags, given
+from keye.ports import check_port
 
 __all__ = ["DemoConfig", "add_parser", "demo_config", "main", "run_command"]
 
@@ -66,14 +70,36 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Handler of ``keye demo``: load the model, serve until interrupted."""
+    """Handler of ``keye demo``: check the port, load the model, serve until interrupted (Ctrl-C or SIGTERM).
+
+    Everything the server writes (generated examples, the tool loop's images, Gradio's uploads) goes into one
+    temporary folder, removed on exit, whether the start succeeded or not."""
+    cfg = demo_config(args)
+    fix = f"choose another: make demo PORT={cfg.port + 1} (or keye demo --port {cfg.port + 1})"
+    check_port(cfg.host, cfg.port, "keye demo", fix)
     # Gradio reports usage to its servers unless told not to; the demo must work offline and stay quiet.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from keye.demo.app import run
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends the demo like Ctrl-C: the folder is removed
+    with tempfile.TemporaryDirectory(prefix="keye-demo-") as work:
+        os.environ["GRADIO_TEMP_DIR"] = os.path.join(work, "gradio")  # read when gradio is imported
+        from keye.demo.app import run
 
-    cfg = demo_config(args)
-    run(cfg.model, host=cfg.host, port=cfg.port, share=cfg.share, limits=cfg.limits)
+        try:
+            run(
+                cfg.model,
+                work_dir=Path(work),
+                host=cfg.host,
+                port=cfg.port,
+                share=cfg.share,
+                limits=cfg.limits,
+            )
+        except KeyboardInterrupt:
+            return 130
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ __all__ = [
     "reply_messages",
     "speed_summary",
     "split_thinking",
+    "tool_answer",
     "tool_round_messages",
     "tools_status",
     "video_summary",
@@ -118,17 +119,28 @@ def video_summary(video: VideoInput, name: str) -> str:
     )
 
 
-def speed_summary(ttft: float | None, seconds: float, reply, stopped: bool) -> str:
-    """Time to first token and decoding speed of one reply (tokens after the first / time after the first).
+def speed_summary(reply, stopped: bool) -> str:
+    """The line under the chat after an answer: `keye.chat.Reply.stats` (time to first token, tokens/s, new,
+    prompt and vision tokens), and whether Stop ended it."""
+    return reply.stats() + (" · stopped" if stopped else "")
 
-    ``ttft`` is None when no text appeared (the model ended at once, or produced only special tokens)."""
-    counts = f"{reply.num_tokens} new tokens · prompt {reply.prompt_tokens} tokens" + (
-        " · stopped" if stopped else ""
-    )
-    if ttft is None:
-        return f"no text generated · {counts}"
-    rate = (reply.num_tokens - 1) / (seconds - ttft) if reply.num_tokens > 1 and seconds > ttft else 0.0
-    return f"first token after **{ttft:.2f} s** · **{rate:.1f} tokens/s** · {counts}"
+
+# How a Thyme loop that produced no `<answer>` ended (`keye.tools.loop.ToolTrace.stopped`), in a user's words.
+_NO_ANSWER = {
+    "max_rounds": "The model was still writing code when the rounds ran out, so it gave no final answer; its last "
+    "turn is shown above.",
+    "no_action": "The model wrote neither code nor a final answer in the tool format; its reply is shown as it is.",
+}
+
+
+def tool_answer(trace) -> list[dict]:
+    """Chat messages closing a Thyme loop: its answer, or what the model said last and why there is no answer."""
+    if trace.answer is not None:
+        return [{"role": "assistant", "content": trace.answer}]
+    last = trace.rounds[-1].text.strip() if trace.rounds else ""
+    note = _NO_ANSWER.get(trace.stopped, "The model gave no final answer.")
+    messages = [{"role": "assistant", "content": last}] if last and trace.stopped == "no_action" else []
+    return [*messages, {"role": "assistant", "content": f"ℹ {note}"}]
 
 
 def tools_status() -> tuple[bool, str]:

@@ -8,6 +8,7 @@ included, stay in the cache, so a second question about the same video does not 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,10 +23,36 @@ from keye.processing import VISION_INPUTS, KeyeProcessor, VideoInput
 
 @dataclass
 class Reply:
+    """One assistant reply. ``prompt_tokens`` is the conversation the reply follows (earlier turns come from the KV
+    cache, only the new ones are computed), ``vision_tokens`` how many of them stand for images and video frames
+    (after compression); ``ttft_s`` is the time to the first streamed text (None when not streamed or no text
+    came), ``seconds`` the whole turn."""
+
     text: str
     num_tokens: int
     prompt_tokens: int
     videos: list[VideoInput] = field(default_factory=list)
+    vision_tokens: int = 0
+    ttft_s: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decoding speed: tokens after the first over the time after the first text (None when unmeasurable)."""
+        if self.ttft_s is None or self.num_tokens < 2 or self.seconds <= self.ttft_s:
+            return None
+        return (self.num_tokens - 1) / (self.seconds - self.ttft_s)
+
+    def stats(self) -> str:
+        """One line: time to first token, tokens/s, new tokens, prompt and vision tokens."""
+        parts = []
+        if self.ttft_s is not None:
+            parts.append(f"first token after {self.ttft_s:.2f} s")
+        if self.tokens_per_s is not None:
+            parts.append(f"{self.tokens_per_s:.1f} tokens/s")
+        parts.append(f"{self.num_tokens} new tokens in {self.seconds:.2f} s")
+        parts.append(f"prompt {self.prompt_tokens} tokens ({self.vision_tokens} vision)")
+        return " · ".join(parts)
 
 
 class ChatSession:
@@ -82,8 +109,14 @@ class ChatSession:
                 kwargs[key] = inputs[key].to(device)
         return inputs, kwargs
 
-    def _finish(self, kwargs, out_ids: torch.Tensor, inputs, content) -> Reply:
+    def _finish(
+        self, kwargs, out_ids: torch.Tensor, inputs, content, began: float, ttft: float | None
+    ) -> Reply:
         prompt_len = kwargs["input_ids"].shape[1]
+        config = self.model.config
+        vision = torch.isin(
+            kwargs["input_ids"], torch.tensor([config.image_token_id, config.video_token_id])
+        ).sum()
         new_tokens = out_ids[:, prompt_len:].cpu()
         n = new_tokens.shape[1]
         start = int(kwargs["position_ids"].max()) + 1
@@ -94,7 +127,15 @@ class ChatSession:
         text = self.processor.decode(new_tokens[0], skip_special_tokens=True).strip()
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": text}]
         self.videos += inputs["videos"]
-        self.last_reply = Reply(text=text, num_tokens=n, prompt_tokens=prompt_len, videos=inputs["videos"])
+        self.last_reply = Reply(
+            text=text,
+            num_tokens=n,
+            prompt_tokens=prompt_len,
+            videos=inputs["videos"],
+            vision_tokens=int(vision),
+            ttft_s=ttft,
+            seconds=time.perf_counter() - began,
+        )
         return self.last_reply
 
     @staticmethod
@@ -108,9 +149,10 @@ class ChatSession:
     @torch.inference_mode()
     def send(self, content: list[dict], *, max_new_tokens: int = 256, **gen_kwargs) -> Reply:
         """Add a user turn given as content parts (any order of text/image/video) and wait for the whole reply."""
+        start = time.perf_counter()
         inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
         out = self.model.generate(**kwargs)
-        return self._finish(kwargs, out, inputs, content)
+        return self._finish(kwargs, out, inputs, content, start, None)
 
     def ask(self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs) -> Reply:
         """Ask and wait for the whole reply."""
@@ -120,6 +162,7 @@ class ChatSession:
         self, text: str, *, images=(), videos=(), max_new_tokens: int = 256, **gen_kwargs
     ) -> Iterator[str]:
         """Ask and yield the reply's text as it is generated; ``last_reply`` holds the whole reply afterwards."""
+        start, ttft = time.perf_counter(), None
         content = self.content(text, images, videos)
         inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -135,8 +178,11 @@ class ChatSession:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        yield from streamer
+        for piece in streamer:
+            if ttft is None and piece:
+                ttft = time.perf_counter() - start
+            yield piece
         thread.join()
         if "error" in result:
             raise result["error"]
-        self._finish(kwargs, result["out"], inputs, content)
+        self._finish(kwargs, result["out"], inputs, content, start, ttft)

@@ -41,6 +41,8 @@ def _chat(args) -> int:
     session = ChatSession(model, processor, think=args.think, compress=args.compress, **overrides)
     gen = {"max_new_tokens": args.max_new_tokens}
 
+    replies = []
+
     def turn(text: str, images=(), videos=()) -> None:
         if args.stream:
             for piece in session.stream(text, images=images, videos=videos, **gen):
@@ -48,6 +50,9 @@ def _chat(args) -> int:
             print()
         else:
             print(session.ask(text, images=images, videos=videos, **gen).text)
+        replies.append(session.last_reply)
+        if args.stats:
+            print(f"[{replies[-1].stats()}]", file=sys.stderr)
 
     if args.prompt is not None:
         turn(args.prompt, args.image, args.video)
@@ -63,7 +68,27 @@ def _chat(args) -> int:
             break
         turn(text, **media)
         media = {"images": (), "videos": ()}  # media go with the first turn; later turns reuse the KV cache
+    if replies:
+        print(f"[{_session_stats(replies)}]", file=sys.stderr)
     return 0
+
+
+def _session_stats(replies) -> str:
+    """The end-of-session line of ``keye chat``: turns, median time to first token, decoding speed, tokens."""
+    from statistics import median
+
+    ttfts = [r.ttft_s for r in replies if r.ttft_s is not None]
+    decode_tokens = sum(r.num_tokens - 1 for r in replies if r.tokens_per_s is not None)
+    decode_s = sum(r.seconds - r.ttft_s for r in replies if r.tokens_per_s is not None)
+    parts = [f"{len(replies)} turns"]
+    if ttfts:
+        parts.append(f"median first token after {median(ttfts):.2f} s")
+    if decode_s > 0:
+        parts.append(f"{decode_tokens / decode_s:.1f} tokens/s")
+    last = replies[-1]
+    parts.append(f"{sum(r.num_tokens for r in replies)} new tokens")
+    parts.append(f"conversation {last.prompt_tokens + last.num_tokens} tokens ({last.vision_tokens} vision)")
+    return " · ".join(parts)
 
 
 def _chat_tools(args, model, processor) -> int:
@@ -172,7 +197,7 @@ def _info(args) -> int:
     from transformers.utils.import_utils import is_flash_attn_2_available
 
     import keye
-    from keye.pretrained import _tiny_cache_dir, smollm2_gguf
+    from keye.pretrained import _tiny_cache_dir, keye_home, smollm2_gguf
 
     try:
         import decord  # noqa: F401
@@ -196,6 +221,7 @@ def _info(args) -> int:
         "default_model": "keye-tiny",
         "keye_tiny_cache": str(_tiny_cache_dir()),
         "keye_tiny_built": (_tiny_cache_dir() / "config.json").exists(),
+        "keye_home": f"{keye_home()} ({_size_mb(keye_home()):.0f} MB; set KEYE_HOME to move it)",
         "smollm2_gguf": gguf,
     }
     try:
@@ -210,6 +236,13 @@ def _info(args) -> int:
         for k, v in info.items():
             print(f"{k:18s} {v}")
     return 0
+
+
+def _size_mb(folder) -> float:
+    """Bytes under ``folder`` (0 if it does not exist), in MB."""
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
 
 
 # ------------------------------------------------------------------------------------------------ convert
@@ -280,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rounds", type=int, default=4, help="code rounds before an answer is demanded (--tools)"
     )
     p.add_argument("--json", action="store_true", help="with --tools: print the whole trace as JSON")
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="after each answer, print time to first token, tokens/s and prompt/vision token counts to stderr "
+        "(an interactive session prints totals at its end anyway)",
+    )
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("frames", help="show which frames Slow-Fast selection samples, and their token costs")

@@ -8,6 +8,8 @@ runs on a laptop CPU.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
@@ -120,6 +122,44 @@ class KeyeTextConfig(PreTrainedConfig):
         return float(self.rope_parameters["rope_theta"])
 
 
+@dataclass
+class ModelCard:
+    """What a model was trained to do, as the demo and ``keye info`` tell a user (``config.model_card``).
+
+    A folder without a card (a converted Keye-VL-1.5, a model trained elsewhere) makes no claim: every mode stays
+    available. ``answers`` describes the answer style in a few words; ``notes`` what to expect, in a sentence or two.
+    """
+
+    answers: str = ""
+    thinking: bool = True  # writes a reasoning section when asked to think
+    tools: bool = True  # writes Thyme code for the sandbox when given the tool prompt
+    notes: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ModelCard:
+        d = d or {}
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"model_card: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+KEYE_TINY_CARD = ModelCard(
+    answers="one word or number",
+    thinking=False,
+    tools=False,
+    notes=(
+        "keye-tiny (a 135M language model with a 4-layer vision tower) was trained only on generated clips: the "
+        "colour, shape, count and motion of simple shapes and the order of scenes. It is right about 8 times in 10 "
+        "on clips with one or two large shapes and about 4 in 10 on busier ones with text, like the generated "
+        "examples here; it does not reason step by step and has not learned to write code for tools."
+    ),
+)
+
+
 @strict
 class KeyeConfig(PreTrainedConfig):
     """Top-level Keye configuration.
@@ -131,6 +171,8 @@ class KeyeConfig(PreTrainedConfig):
     ``clapper_config`` (a `keye.encoders.clapper.ClapperConfig` as a dict) gives the model a Clapper TimePerceiver
     (``model.clapper``) for ``compress="clapper"``; ``None`` (the default, and every checkpoint without one): no such
     module, and `keye.compression` falls back to an untrained one.
+
+    ``model_card`` (a `ModelCard` as a dict, ``config.card``) says what the model was trained to do.
     """
 
     model_type = "keye"
@@ -158,6 +200,7 @@ class KeyeConfig(PreTrainedConfig):
     tokens_per_second: float | None = 2.0
     tie_word_embeddings: bool = False
     clapper_config: dict | None = None
+    model_card: dict | None = None
 
     def validate_clapper(self):
         """Part of `@strict`-powered validation: the TimePerceiver works at the text model's width."""
@@ -183,6 +226,10 @@ class KeyeConfig(PreTrainedConfig):
     def clapper(self) -> ClapperConfig | None:
         return None if self.clapper_config is None else ClapperConfig.from_dict(self.clapper_config)
 
+    @property
+    def card(self) -> ModelCard:
+        return ModelCard.from_dict(self.model_card)
+
 
 def token_id_fields(ids: dict[str, int]) -> dict[str, int]:
     """`KeyeConfig`'s token-id fields from a ``{name: id}`` map of `VISION_TOKENS` (``add_keye_tokens``'s result)."""
@@ -207,6 +254,7 @@ def keye_tiny_config(text_config: KeyeTextConfig | dict, **token_ids) -> KeyeCon
         text_config=text,
         tie_word_embeddings=text.tie_word_embeddings,
         tokens_per_second=2.0,
+        model_card=KEYE_TINY_CARD.to_dict(),
         **token_ids,
     )
 

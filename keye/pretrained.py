@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_WEIGHTS = ASSETS / "keye-tiny.safetensors"
-TINY_RECIPE_VERSION = "5"  # bump when the way keye-tiny is assembled changes, to rebuild caches
+TINY_RECIPE_VERSION = "6"  # bump when the way keye-tiny is assembled changes, to rebuild caches
 
 
 def keye_home() -> Path:

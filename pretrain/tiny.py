@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import random
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -191,10 +190,6 @@ def build_asset(stage_dirs: list[Path], out: Path) -> Path:
     return out
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
 def evaluate_open(
     model, processor, *, seed: int, n: int, media_dir: Path, qtypes: tuple[str, ...] | None = None
 ) -> dict:
@@ -227,10 +222,7 @@ def evaluate_open(
             inputs = processor(msgs)
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-            pred = _words(processor.decode(out[0, inputs["input_ids"].shape[1] :]))
-            values = [o.split(". ", 1)[1].lower() for o in qa.options]
-            truth = qa.answer.lower()
-            ok = truth in pred and not any(v in pred for v in values if v != truth)
+            ok = qa.is_correct(processor.decode(out[0, inputs["input_ids"].shape[1] :]))
             per[qa.qtype][0] += int(ok)
             per[qa.qtype][1] += 1
             bar.update()

@@ -34,6 +34,36 @@ def true_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     return runs
 
 
+def checkout_status() -> set[str]:
+    """Every file ``git status`` lists in the checkout, ignored ones included (``outputs/...``, ``artifacts/...``),
+    except the virtual environments, tool caches (ruff, pytest) and Python's bytecode; empty outside a checkout."""
+    import subprocess
+
+    excluded = [f":(exclude){p}" for p in (".venv", ".venv-*", ".ruff_cache", ".pytest_cache")]
+    command = ["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "--", ".", *excluded]
+    try:
+        out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {line for line in out.splitlines() if "__pycache__" not in line and not line.endswith(".pyc")}
+
+
+def pytest_sessionstart(session):
+    session.config._keye_checkout = checkout_status()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite leaves the checkout as it found it: every output goes under pytest's temporary folders. A file
+    or folder that appeared (or changed) during the run fails the run, named."""
+    before = getattr(session.config, "_keye_checkout", None)
+    if before is None:
+        return
+    new = sorted(checkout_status() - before)
+    if new:
+        print(f"\nthe test run wrote into the checkout {ROOT}: {', '.join(new)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -107,14 +137,15 @@ def sample_video(media_dir) -> Path:
     return path
 
 
-def run_keye(*args: str, timeout: float = 300, env: dict | None = None):
-    """Run the `keye` CLI in a subprocess (as a user would); returns the CompletedProcess."""
+def run_keye(*args: str, timeout: float = 300, env: dict | None = None, stdin: str | None = None):
+    """Run the `keye` CLI in a subprocess (as a user would, ``stdin`` typed in); returns the CompletedProcess."""
     import subprocess
 
     return subprocess.run(
         [sys.executable, "-m", "keye.cli", *args],
         capture_output=True,
         text=True,
+        input=stdin,
         timeout=timeout,
         env={**os.environ, **(env or {})},
         cwd=ROOT,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -41,14 +43,41 @@ def bad_inputs(media_dir):
     return files
 
 
+STATS = re.compile(
+    r"\[first token after ([\d.]+) s · (?:[\d.]+ tokens/s · )?(\d+) new tokens in ([\d.]+) s · "
+    r"prompt (\d+) tokens \((\d+) vision\)\]"
+)
+
+
 @pytest.mark.slow
-def test_chat_answers_about_a_generated_video(sample_video):
+def test_chat_answers_about_a_generated_video_with_stats(sample_video, keye_tiny):
+    started = time.perf_counter()
     r = run_keye(
-        "chat", "--video", str(sample_video), "--prompt", "What is in the video?", "--max-new-tokens", "12"
-    )
+        "chat", "--video", str(sample_video), "--prompt", "What is in the video?", "--max-new-tokens", "12", "--stats"
+    )  # fmt: skip
+    wall = time.perf_counter() - started
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
     assert "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    ttft, new, seconds, prompt, vision = STATS.fullmatch(line).groups()
+    _, processor = keye_tiny
+    assert int(vision) == processor.load_video(str(sample_video)).plan.total_tokens < int(prompt)
+    assert 0 < float(ttft) <= float(seconds) < wall and 1 <= int(new) <= 12
+
+
+@pytest.mark.slow
+def test_interactive_chat_ends_with_the_session_totals(sample_video):
+    r = run_keye(
+        "chat", "--video", str(sample_video), "--max-new-tokens", "4", stdin="What is it?\nAnd then?\n\n"
+    )
+    assert r.returncode == 0, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"\[2 turns · median first token after [\d.]+ s · (?:[\d.]+ tokens/s · )?\d+ new tokens · "
+        r"conversation \d+ tokens \(\d+ vision\)\]",
+        last,
+    ), last
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ pytest.importorskip("gradio")
 
 import gradio as gr  # noqa: E402
 
+from keye.configuration import ModelCard  # noqa: E402
 from keye.demo.app import DemoApp, DemoState  # noqa: E402
 from keye.demo.cli import add_parser  # noqa: E402
 from keye.demo.limits import Limits  # noqa: E402
@@ -33,9 +35,11 @@ PLAN = (2.0, 16, 1024, "none")  # fps, max frames, token budget (keye-tiny's def
 
 
 @pytest.fixture(scope="module")
-def demo(keye_tiny):
+def demo(keye_tiny, tmp_path_factory):
     model, processor = keye_tiny
-    return DemoApp(model, processor, model_name="keye-tiny", limits=Limits())
+    return DemoApp(
+        model, processor, model_name="keye-tiny", limits=Limits(), work_dir=tmp_path_factory.mktemp("demo")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +133,18 @@ def test_cli_parser_flags():
 
 # ------------------------------------------------------------------------------------------------ media
 def test_a_bad_file_replaces_a_waiting_one(demo, sample_video, corrupt_video):
-    _, st, _, strip, _ = demo.on_media(str(sample_video), None, *PLAN)
+    _, st, _, strip, *_ = demo.on_media(str(sample_video), None, *PLAN)
     assert st.pending is not None and strip is not None
-    box, st, history, strip, summary = demo.on_media(str(corrupt_video), st, *PLAN)
-    assert st.pending is None and box is None and strip is None and summary is None
+    box, st, history, strip, summary, player, *_ = demo.on_media(str(corrupt_video), st, *PLAN)
+    assert st.pending is None and box is None and strip is None and summary is None and player is None
     assert "corrupt.mp4" in history[-1]["content"]
 
 
 def test_video_upload_plans_frames_and_counts_tokens(demo, sample_video, keye_tiny):
     _, processor = keye_tiny
-    box, st, history, strip, summary = demo.on_media(str(sample_video), None, *PLAN)
+    box, st, history, strip, summary, player, *_ = demo.on_media(str(sample_video), None, *PLAN)
+    assert player["value"] == str(sample_video) and player["visible"]  # the clip plays in the page
+    strip = strip["value"]
     plan = st.pending.video.plan.to_dict()
     assert plan == processor.load_video(str(sample_video)).plan.to_dict()  # the processor's own plan
     assert f"**{plan['total_tokens']} vision tokens**" in summary
@@ -168,7 +174,7 @@ def test_bad_files_become_a_readable_chat_message(
     keye_tiny, tmp_path, corrupt_video, sample_video, name, content, limits, reason
 ):
     model, processor = keye_tiny
-    app = DemoApp(model, processor, model_name="keye-tiny", limits=limits)
+    app = DemoApp(model, processor, model_name="keye-tiny", limits=limits, work_dir=tmp_path)
     path = tmp_path / name
     if content is None:
         path.write_bytes(corrupt_video.read_bytes())
@@ -176,9 +182,11 @@ def test_bad_files_become_a_readable_chat_message(
         path.write_bytes(sample_video.read_bytes())
     else:
         path.write_bytes(content)
-    box, st, history, strip, summary = app.on_media(str(path), DemoState(), *PLAN)
+    box, st, history, strip, summary, player, *_ = app.on_media(str(path), DemoState(), *PLAN)
     assert box is None and st.pending is None  # the file is dropped
-    assert strip == summary == gr.skip()  # nothing was waiting: the strip of the conversation's video stays
+    assert (
+        strip == summary == player == gr.skip()
+    )  # nothing was waiting: the strip of the conversation's video stays
     (message,) = history
     assert message["role"] == "assistant"
     assert message["content"].startswith(f"⚠ **{name}**: ") and reason in message["content"]
@@ -192,17 +200,22 @@ def test_two_turns_stream_and_encode_the_video_once(demo, sample_video, keye_tin
     original = model.vision.forward
     monkeypatch.setattr(model.vision, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     _, st, *_ = demo.on_media(str(sample_video), None, *PLAN)
+    started = time.perf_counter()
     outputs = list(demo.respond("What happens in this video?", st, "auto", False, "none", 12))
     assert len(outputs) >= 3  # the user turn, then the answer growing piece by piece
     assert outputs[0][4] is None  # the file box empties: the file is in the conversation now
     assert outputs[0][5].startswith("**sample.mp4**") and "In the conversation" in outputs[0][5]
     history, prompt_box, st, stats = outputs[-1][:4]
+    reply = st.session.last_reply
     assert prompt_box == "" and history[0] == {
         "role": "user",
         "content": "*[sample.mp4]*\n\nWhat happens in this video?",
     }
     assert history[1]["role"] == "assistant" and history[1]["content"] == st.session.last_reply.text
-    assert f"{st.session.last_reply.num_tokens} new tokens" in stats and "tokens/s" in stats
+    assert f"{reply.num_tokens} new tokens" in stats and "first token after" in stats
+    assert f"prompt {reply.prompt_tokens} tokens ({reply.vision_tokens} vision)" in stats
+    assert reply.vision_tokens == st.sent[0].video.plan.total_tokens  # the count is what the model got
+    assert 0 < reply.ttft_s <= reply.seconds < time.perf_counter() - started  # measured within this turn
     assert st.pending is None and [m.name for m in st.sent] == ["sample.mp4"]
     first_prompt = st.session.last_reply.prompt_tokens
 
@@ -211,12 +224,12 @@ def test_two_turns_stream_and_encode_the_video_once(demo, sample_video, keye_tin
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert history[2]["content"] == "And then?"
     assert st.session.last_reply.prompt_tokens > first_prompt
-    assert st.session.think is False
+    assert st.session.think is None  # keye-tiny's card: not trained to think, so "off" is never sent either
 
 
 def test_dyntok_counts_and_sends_fewer_tokens(demo, sample_video):
     _, plain, *_ = demo.on_media(str(sample_video), None, *PLAN)
-    _, st, _, _, summary = demo.on_media(str(sample_video), None, 2.0, 16, 1024, "dyntok")
+    _, st, _, _, summary, *_ = demo.on_media(str(sample_video), None, 2.0, 16, 1024, "dyntok")
     plan = st.pending.video.plan
     assert plan.compress == "dyntok" and plan.tokens_after_compression < plan.total_tokens
     assert f"compression dyntok: {plan.tokens_after_compression} tokens" in summary
@@ -241,16 +254,18 @@ def test_stop_ends_the_answer_and_the_conversation_goes_on(demo):
     assert st.session.last_reply.num_tokens <= 3 and "stopped" in stats
     assert full.session.last_reply.text.startswith(st.session.last_reply.text)
     (history, _, st, stats), _ = drain(demo.respond("Thanks.", st, "auto", False, "none", 4))
-    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    # the text-only note (once per conversation), the stopped answer, the next turn
+    assert [m["role"] for m in history] == ["user", "assistant", "assistant", "user", "assistant"]
     assert "stopped" not in stats  # the next turn starts with the flag cleared
 
 
 def test_clear_forgets_everything(demo, sample_video):
     _, st, *_ = demo.on_media(str(sample_video), None, *PLAN)
     drain(demo.respond("Hi", st, "auto", False, "none", 2))
-    new_state, history, strip, tokens, stats, box, prompt = demo.on_clear(st)
+    new_state, history, strip, tokens, stats, box, prompt, player, truth, presets = demo.on_clear(st)
     assert st.stop.is_set() and new_state.session is None and new_state.pending is None
-    assert (history, strip, tokens, stats, box, prompt) == ([], None, "", "", None, "")
+    assert (history, strip, tokens, stats, box, prompt, truth) == ([], None, "", "", None, "", "")
+    assert player["value"] is None and not player["visible"] and not presets["visible"]
 
 
 def test_tool_mode_shows_each_round(demo, tmp_path, monkeypatch):
@@ -278,6 +293,7 @@ def test_tool_mode_shows_each_round(demo, tmp_path, monkeypatch):
             return Reply(text=next(turns), num_tokens=7, prompt_tokens=1)
 
     monkeypatch.setattr(app_module, "ChatSession", Scripted)
+    monkeypatch.setattr(demo, "card", ModelCard())  # a model whose card claims tools
     image = tmp_path / "in.png"
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(image)
     _, st, *_ = demo.on_media(str(image), None, *PLAN)
@@ -294,3 +310,67 @@ def test_tool_mode_shows_each_round(demo, tmp_path, monkeypatch):
     assert Image.open(history[4]["content"]["path"]).size == (20, 10)
     assert titles[5] == "Round 2: thinking" and history[-1] == {"role": "assistant", "content": "60x40"}
     assert "14 new tokens" in stats and n >= 4  # user turn, round 1, round 2, final
+
+
+# ------------------------------------------------------------------------------------------------ what the page promises
+def test_toggles_follow_the_model_card(demo, monkeypatch):
+    toggles = demo.toggles()
+    assert toggles["think"] == (
+        False,
+        "keye-tiny was not trained to reason step by step: it answers directly.",
+    )
+    assert toggles["tools"] == (False, "keye-tiny has not learned to write code for the tools yet.")
+    monkeypatch.setattr(demo, "card", ModelCard())  # a card that makes no claim: everything stays available
+    toggles = demo.toggles()
+    assert toggles["think"] == (True, None) and toggles["tools"] == tools_status()
+
+
+def test_a_question_without_media_says_so(demo):
+    (history, _, st, _), _ = drain(demo.respond("What is in the video?", None, "auto", False, "none", 4))
+    assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
+    assert history[1]["content"].startswith("ℹ No video or image in this conversation, so keye-tiny answers")
+    assert st.session.last_reply.vision_tokens == 0
+
+
+def test_example_keeps_its_questions_answers_and_marks(demo):
+    box, st, history, strip, tokens, player, truth, presets, question = demo.on_example(None, *PLAN)
+    sample = st.example
+    assert box == player["value"] and player["visible"] and question == sample.questions[0].question
+    assert presets["choices"] == [qa.question for qa in sample.questions] and presets["visible"]
+    for qa in sample.questions:  # every preset question with its expected answer, nothing graded yet
+        assert f"| {qa.question} | **{qa.answer}** |  |" in truth
+    outputs = list(demo.respond(question, st, "auto", False, "none", 8))
+    history, _, st, stats, box, tokens, truth = outputs[-1]
+    answer, verdict = history[-2]["content"], history[-1]["content"]
+    ok = sample.questions[0].is_correct(answer)
+    assert (
+        verdict
+        == f"{'✓ **Right**' if ok else '✗ **Wrong**'}: the clip's answer is **{sample.questions[0].answer}**."
+    )
+    assert f"| {question} | **{sample.questions[0].answer}** | {answer} {'✓' if ok else '✗'} |" in truth
+    assert sample.caption in truth  # the truth is still on the page after Send
+    assert all(out[-1] == gr.skip() for out in outputs[:-1])  # and nothing replaced it meanwhile
+    # A question of one's own is answered but not graded; the panel stays as it was.
+    (history, _, st, _), _ = drain(demo.respond("Describe it.", st, "auto", False, "none", 4))
+    assert not history[-1]["content"].startswith(("✓", "✗")) and len(st.graded) == 1
+
+
+def test_an_image_used_by_tools_is_sent_again_when_tools_are_off(demo, tmp_path, monkeypatch):
+    """The panel says the image is in the conversation; after a tool turn (its own session) the next chat turn must
+    carry it, not a prompt without it."""
+    image = tmp_path / "tall.png"
+    Image.fromarray(np.full((120, 60, 3), 90, np.uint8)).save(image)
+    _, st, _, strip, _, player, *_ = demo.on_media(str(image), None, *PLAN)
+    assert strip["label"].startswith("The image") and not player["visible"]  # not "sampled frames", no player
+    monkeypatch.setattr(demo, "card", ModelCard())  # tools available (keye-tiny writes no code: one round)
+    if not demo.toggles()["tools"][0]:
+        pytest.skip(demo.toggles()["tools"][1])
+    (history, _, st, _), _ = drain(demo.respond("How tall is it?", st, "auto", True, "none", 16))
+    assert [m.name for m in st.sent] == ["tall.png"] and st.session is None  # the chat has not seen it yet
+    monkeypatch.undo()
+    (history, _, st, stats), _ = drain(demo.respond("What colour is it?", st, "auto", False, "none", 4))
+    reply = st.session.last_reply
+    assert history[-2]["content"] == "*[tall.png]*\n\nWhat colour is it?"
+    assert reply.vision_tokens > 0 and f"({reply.vision_tokens} vision)" in stats
+    (history, _, st, _), _ = drain(demo.respond("And its shape?", st, "auto", False, "none", 4))
+    assert history[-2]["content"] == "And its shape?"  # now the chat's cache holds it: not sent a third time

@@ -9,13 +9,14 @@ paths are printed. Without Chromium the browser test is skipped, except under CI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -51,36 +52,48 @@ def _artifacts() -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def demo_url(tmp_path_factory):
-    """`keye demo` with keye-tiny, as a user starts it; yields its URL and stops it afterwards."""
+def _start(args: list[str], log: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`keye demo ARGS` on a free port, as a user starts it; returns the process and its URL once it serves."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("demo") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    cmd = [sys.executable, "-m", "keye.demo.cli", "demo", "--port", str(port), "--max-duration", "60"]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    cmd = [sys.executable, "-m", "keye.demo.cli", "demo", "--port", str(port), "--max-duration", "60", *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180  # the first use of keye-tiny builds it (~20 s; more on busy cores)
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"keye demo exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if f"running on {url}" in log.read_text():
+            break
+        if time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"keye demo did not start in 180 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.status == 200
+    return proc, url
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """SIGTERM, as `kill` or a service manager sends; returns the exit status."""
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 180  # the first use of keye-tiny builds it (~20 s; more on busy cores)
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"keye demo exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if f"running on {url}" in log.read_text():
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"keye demo did not start in 180 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        with urllib.request.urlopen(url, timeout=10) as r:
-            assert r.status == 200
+        return proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    """`keye demo` with keye-tiny; yields its URL and stops it afterwards."""
+    log = tmp_path_factory.mktemp("demo") / "server.log"
+    proc, url = _start([], log)
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
@@ -95,19 +108,20 @@ def clips(media_dir):
     return video, corrupt, sample
 
 
-def test_api_through_gradio_client(demo_url, clips):
+def test_api_through_gradio_client(demo_url, clips, tmp_path):
     from gradio_client import Client, handle_file
 
     video, corrupt, _ = clips
-    client = Client(demo_url, verbose=False)
+    client = Client(demo_url, verbose=False, download_files=str(tmp_path))
     assert {"/load_media", "/example", "/chat", "/stop", "/clear"} <= set(
         client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     )
-    _, history, strip, tokens = client.predict(
+    _, history, strip, tokens, player, *_ = client.predict(
         handle_file(str(video)), 2.0, 16, 1024, "none", api_name="/load_media"
     )
     total = int(re.search(r"\*\*(\d+) vision tokens\*\*", tokens).group(1))
-    assert history == [] and Path(strip).is_file() and total > 0
+    assert history == [] and Path(strip["value"]).is_file() and total > 0
+    assert Path(player["value"]).stat().st_size == video.stat().st_size  # the clip, as uploaded
 
     job = client.submit(QUESTION, "auto", False, "none", 16, api_name="/chat")
     outputs = list(job)
@@ -115,15 +129,15 @@ def test_api_through_gradio_client(demo_url, clips):
     answers = [o[0][-1]["content"][0]["text"] for o in outputs if o[0] and o[0][-1]["role"] == "assistant"]
     assert len(answers) >= 2 and answers[-1].startswith(answers[0])  # streamed: the answer grew
     assert history[0]["content"][0]["text"] == f"*[{video.name}]*\n\n{QUESTION}"
-    first = re.search(r"(\d+) new tokens · prompt (\d+) tokens", stats)
-    assert first and int(first.group(2)) > total  # the prompt holds the video's tokens
+    first = re.search(r"(\d+) new tokens in [\d.]+ s · prompt (\d+) tokens \((\d+) vision\)", stats)
+    assert first and int(first.group(2)) > total == int(first.group(3))  # the prompt holds the video's tokens
 
     history, _, stats, *_ = client.predict("And then?", "off", False, "none", 8, api_name="/chat")
-    second = re.search(r"(\d+) new tokens · prompt (\d+) tokens", stats)
+    second = re.search(r"(\d+) new tokens in [\d.]+ s · prompt (\d+) tokens", stats)
     assert int(second.group(2)) > int(first.group(2)) + int(first.group(1)), stats  # the conversation goes on
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
 
-    box, history, strip, tokens = client.predict(
+    box, history, strip, tokens, *_ = client.predict(
         handle_file(str(corrupt)), 2.0, 16, 1024, "none", api_name="/load_media"
     )
     error = history[-1]["content"][0]["text"]
@@ -168,7 +182,7 @@ def _ask(page, text: str) -> dict:
     }
 
 
-def test_queue_runs_one_generation_at_a_time(demo_url):
+def test_queue_runs_one_generation_at_a_time(demo_url, tmp_path):
     """Two users at once: with ``--concurrency 1`` (the default) the second answer starts after the first ends."""
     import threading
 
@@ -177,7 +191,7 @@ def test_queue_runs_one_generation_at_a_time(demo_url):
     times: dict[str, list[float]] = {"a": [], "b": []}
 
     def ask(name: str) -> None:
-        job = Client(demo_url, verbose=False).submit(
+        job = Client(demo_url, verbose=False, download_files=str(tmp_path)).submit(
             "Count to twenty.", "auto", False, "none", 24, api_name="/chat"
         )
         for _ in job:
@@ -197,16 +211,16 @@ def test_queue_runs_one_generation_at_a_time(demo_url):
     assert times["b"][0] > times["a"][-1] - 0.2  # b waited in the queue until a had finished
 
 
-def test_browser_upload_ask_stream_and_bad_file(demo_url, clips, capsys):
+@contextlib.contextmanager
+def _page(url: str, profile: Path):
+    """A page of the system Chromium (profile under a pytest folder) opened on ``url``, the app loaded, the
+    answer length set low and the timing recorder installed."""
     chromium = require_system_tool("chromium", "apt-get install -y chromium (make setup does)")
     from playwright.sync_api import sync_playwright  # a dev dependency: its absence is an error
 
-    video, corrupt, sample = clips
-    out = _artifacts()
-    shots = []
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            tempfile.mkdtemp(prefix="keye-chromium-"),
+            str(profile),
             executable_path=chromium,
             headless=True,
             args=CHROMIUM_ARGS,
@@ -214,51 +228,64 @@ def test_browser_upload_ask_stream_and_bad_file(demo_url, clips, capsys):
         )
         try:
             page = browser.new_page()
-            page.goto(demo_url)
+            page.goto(url)
             page.wait_for_selector("#prompt textarea")
             page.evaluate(TIMING_JS)
-            page.locator("#max-new input[type=number]").fill("24")  # keep the test short
+            page.locator("#max-new input[type=number]").fill("24")  # keep the tests short
             page.locator("#max-new input[type=number]").press("Enter")
-            page.locator("#media input[type=file]").set_input_files(str(video))
-            page.wait_for_selector("#filmstrip img", timeout=30_000)
-            tokens = page.locator("#tokens").inner_text()
-            assert re.search(r"\d+ frames \(\d+ slow, \d+ fast\) → \d+ vision tokens", tokens), tokens
-            strip = page.locator("#filmstrip img").evaluate("img => [img.naturalWidth, img.naturalHeight]")
-            assert min(strip) > 50  # the strip's picture loaded
-            # DynTok: the waiting video is re-planned and its count after compression shown.
-            page.locator("#compress label", has_text="DynTok").click()
-            page.locator("#tokens", has_text="compression dyntok").wait_for(timeout=30_000)
-            counts = re.search(
-                r"(\d+) vision tokens.*compression dyntok: (\d+) tokens", page.locator("#tokens").inner_text()
-            )
-            assert int(counts.group(2)) < int(counts.group(1)), counts.group(0)
-
-            first = _ask(page, QUESTION)
-            answer = page.locator('#chat [data-testid="bot"]').last.inner_text().strip()
-            assert answer and first["tokens"] >= 1
-            shots.append(out / "1-answer.png")
-            page.screenshot(path=shots[-1], full_page=True)
-
-            follow_up = _ask(page, "What colour is the background?")
-            assert page.locator('#chat [data-testid="user"]').count() == 2
-
-            page.locator("#media input[type=file]").set_input_files(str(corrupt))
-            error = page.locator('#chat [data-testid="bot"]', has_text="corrupt.mp4")
-            error.wait_for(timeout=30_000)
-            text = error.inner_text()
-            assert "cannot open as a video" in text and "Traceback" not in text
-            shots.append(out / "2-corrupt-file.png")
-            page.screenshot(path=shots[-1], full_page=True)
-
-            page.locator("#clear").click()
-            page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"bot\"]').length === 0")
-            # A generated example arrives planned, with a question about it.
-            page.locator("#example").click()
-            page.locator("#tokens", has_text="What the clip shows").wait_for(timeout=30_000)
-            assert page.locator("#prompt textarea").input_value().endswith("?")
-            assert re.search(r"example-\d+\s*\.mp4", page.locator("#media").inner_text())
+            yield page
         finally:
             browser.close()
+
+
+def _screenshot(page, name: str) -> Path:
+    path = _artifacts() / name
+    page.screenshot(path=path, full_page=True)
+    print(f"\n[demo] screenshot: {path}")
+    return path
+
+
+def test_browser_upload_ask_stream_and_bad_file(demo_url, clips, capsys, tmp_path):
+    video, corrupt, sample = clips
+    out = _artifacts()
+    shots = []
+    with _page(demo_url, tmp_path / "chromium") as page:
+        page.locator("#media input[type=file]").set_input_files(str(video))
+        page.wait_for_selector("#filmstrip img", timeout=30_000)
+        tokens = page.locator("#tokens").inner_text()
+        assert re.search(r"\d+ frames \(\d+ slow, \d+ fast\) → \d+ vision tokens", tokens), tokens
+        strip = page.locator("#filmstrip img").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert min(strip) > 50  # the strip's picture loaded
+        # DynTok: the waiting video is re-planned and its count after compression shown.
+        page.locator("#compress label", has_text="DynTok").click()
+        page.locator("#tokens", has_text="compression dyntok").wait_for(timeout=30_000)
+        counts = re.search(
+            r"(\d+) vision tokens.*compression dyntok: (\d+) tokens", page.locator("#tokens").inner_text()
+        )
+        assert int(counts.group(2)) < int(counts.group(1)), counts.group(0)
+
+        first = _ask(page, QUESTION)
+        answer = page.locator('#chat [data-testid="bot"]').last.inner_text().strip()
+        assert answer and first["tokens"] >= 1
+        shots.append(out / "1-answer.png")
+        page.screenshot(path=shots[-1], full_page=True)
+
+        follow_up = _ask(page, "What colour is the background?")
+        assert page.locator('#chat [data-testid="user"]').count() == 2
+
+        page.locator("#media input[type=file]").set_input_files(str(corrupt))
+        error = page.locator('#chat [data-testid="bot"]', has_text="corrupt.mp4")
+        error.wait_for(timeout=30_000)
+        text = error.inner_text()
+        assert "cannot open as a video" in text and "Traceback" not in text
+        # Any file reaches the app (no browser pop-up): one it cannot use is explained in the chat like the rest.
+        notes = corrupt.with_name("notes.txt")
+        notes.write_text("hello")
+        page.locator("#media input[type=file]").set_input_files(str(notes))
+        page.locator('#chat [data-testid="bot"]', has_text="notes.txt").wait_for(timeout=30_000)
+        assert "unsupported file type" in _bots(page)[-1]
+        shots.append(out / "2-corrupt-file.png")
+        page.screenshot(path=shots[-1], full_page=True)
 
     timings = {"first_turn": first, "follow_up": follow_up, "video": sample.caption}
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
@@ -267,3 +294,152 @@ def test_browser_upload_ask_stream_and_bad_file(demo_url, clips, capsys):
         for name, t in (("first turn", first), ("follow-up", follow_up)):
             print(f"[demo] {name}: TTFT {t['ttft_s']} s, {t['tokens_per_s']} tokens/s ({t['tokens']} tokens)")
         print(f"[demo] timings: {out / 'timings.json'}")
+
+
+def _bots(page) -> list[str]:
+    return [t.strip() for t in page.locator('#chat [data-testid="bot"]').all_inner_texts()]
+
+
+def test_browser_example_keeps_the_truth_beside_the_answer(demo_url, tmp_path, capsys):
+    """A generated example: the clip plays, its questions and expected answers stay on the page after Send, and the
+    answer is marked right or wrong."""
+    with _page(demo_url, tmp_path / "chromium") as page:
+        page.locator("#example").click()
+        truth = page.locator("#truth")
+        truth.get_by_text("Generated example").wait_for(timeout=60_000)
+        rows = truth.locator("tbody tr")
+        expected = rows.first.locator("td").nth(1).inner_text().strip()
+        question = rows.first.locator("td").first.inner_text().strip()
+        assert expected and page.locator("#prompt textarea").input_value() == question
+        assert rows.count() == page.locator("#presets label").count() >= 3  # preset questions to pick from
+        page.wait_for_function(
+            "document.querySelector('#player video') && document.querySelector('#player video').readyState >= 1",
+            timeout=30_000,
+        )
+        duration = page.locator("#player video").evaluate("v => v.duration")
+        assert 5.5 < duration < 6.5  # the 6 s clip loaded in the page's player
+
+        _ask(page, question)
+        mark = _bots(page)[-1]
+        assert re.fullmatch(rf"[✓✗] (Right|Wrong): the clip's answer is {re.escape(expected)}\.", mark), mark
+        answer = _bots(page)[-2]
+        cell = rows.first.locator("td").nth(2).inner_text().strip()
+        assert cell == f"{answer} {mark[0]}"  # the panel records the answer and the mark
+        assert page.locator("#truth").inner_text().count(expected) >= 1  # still there after Send
+        with capsys.disabled():
+            _screenshot(page, "3-example-marked.png")
+
+        # A second preset question, picked from the list, fills the prompt.
+        page.locator("#presets label").nth(1).click()
+        second = rows.nth(1).locator("td").first.inner_text().strip()
+        page.wait_for_function(
+            "q => document.querySelector('#prompt textarea').value === q", arg=second, timeout=10_000
+        )
+
+
+def test_browser_toggles_the_model_cannot_use_are_disabled_with_the_reason(demo_url, tmp_path, capsys):
+    with _page(demo_url, tmp_path / "chromium") as page:
+        assert page.locator("#think input[type=radio]").count() == 3
+        for radio in page.locator("#think input[type=radio]").all():
+            assert radio.is_disabled()
+        assert page.locator("#think").get_by_text("not trained to reason step by step").is_visible()
+        assert page.locator("#tools input[type=checkbox]").is_disabled()
+        assert page.locator("#tools").get_by_text("has not learned to write code for the tools").is_visible()
+        assert page.locator("#header").get_by_text("Answers: one word or number").is_visible()
+        # Clapper without a trained module: said on the page, not only in the server log.
+        assert page.locator("#compress").get_by_text("no trained Clapper").is_visible()
+
+        # Nothing loaded: the question is answered as text-only chat, and the page says so.
+        _ask(page, "What is in the video?")
+        note = page.locator('#chat [data-testid="bot"]', has_text="No video or image in this conversation")
+        assert note.count() == 1 and len(_bots(page)) == 2
+        with capsys.disabled():
+            _screenshot(page, "4-toggles-and-text-only-note.png")
+
+
+@pytest.fixture(scope="module")
+def tools_model(tmp_path_factory, keye_tiny) -> Path:
+    """keye-tiny's folder with a card that claims tools (weights linked, not copied): the tools toggle is live."""
+    from keye.pretrained import resolve
+
+    source = resolve("keye-tiny")
+    folder = tmp_path_factory.mktemp("keye-tiny-tools")
+    for f in source.iterdir():
+        (folder / f.name).symlink_to(f) if f.suffix == ".safetensors" else (folder / f.name).write_bytes(
+            f.read_bytes()
+        )
+    config = json.loads((folder / "config.json").read_text())
+    config["model_card"] = {**config["model_card"], "tools": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_browser_tools_then_no_tools_sends_the_image_again(tools_model, tmp_path, capsys, bwrap):
+    from PIL import Image
+
+    image = tmp_path / "sign.png"
+    Image.new("RGB", (320, 240), (30, 120, 200)).save(image)
+    proc, url = _start(["--model", str(tools_model)], tmp_path / "server.log")
+    try:
+        with _page(url, tmp_path / "chromium") as page:
+            page.locator("#media input[type=file]").set_input_files(str(image))
+            page.locator("#tokens", has_text="vision tokens").wait_for(timeout=30_000)
+            vision = int(re.search(r"\*?(\d+) vision tokens", page.locator("#tokens").inner_text()).group(1))
+            assert vision > 0
+            page.locator("#tools input[type=checkbox]").check()
+            page.locator("#prompt textarea").fill("What number is on the sign?")
+            page.locator("#send").click()
+            page.locator("#stats", has_text="model turns").wait_for(timeout=120_000)
+            page.locator("#tools input[type=checkbox]").uncheck()
+            stats = _ask(page, "What colour is the sign?")["server_stats"]
+            shown = re.search(r"prompt (\d+) tokens \((\d+) vision\)", stats)
+            assert int(shown.group(2)) == vision and int(shown.group(1)) > vision  # the image went with it
+            assert "sign.png" in page.locator('#chat [data-testid="user"]').last.inner_text()
+            bots = " ".join(_bots(page))
+            assert "no_action" not in bots and "max_rounds" not in bots  # no internal status words
+            with capsys.disabled():
+                _screenshot(page, "5-tools-then-chat.png")
+    finally:
+        _stop(proc)
+
+
+def test_busy_port_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "keye.cli", "demo", "--port", str(port)],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
+        )  # fmt: skip
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (
+        f"keye demo: cannot listen on 127.0.0.1:{port} (in use); choose another: make demo PORT={port + 1} "
+        f"(or keye demo --port {port + 1})\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # a failed start leaves nothing behind
+
+
+def test_a_demo_leaves_no_temporary_folder(tmp_path):
+    """Its work folder (examples, tool images, Gradio's uploads) is removed when it stops, and after a failed
+    start; checked with TMPDIR pointing at an empty folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    proc, url = _start([], tmp_path / "server.log", env=env)
+    from gradio_client import Client
+
+    Client(url, verbose=False, download_files=str(tmp_path / "downloads")).predict(
+        2.0, 16, 1024, "none", api_name="/example"
+    )  # writes a generated clip into the work folder
+    made = [p.name for p in tmp.iterdir()]
+    assert len(made) == 1 and made[0].startswith("keye-demo-"), made
+    assert any((tmp / made[0]).rglob("example-*.mp4"))
+    assert _stop(proc) in (0, 130, -signal.SIGTERM) and list(tmp.iterdir()) == []
+    # A start that fails after the folder was made (no such model) removes it too.
+    r = subprocess.run(
+        [sys.executable, "-m", "keye.cli", "demo", "--model", str(tmp_path / "missing"), "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, **env},
+    )  # fmt: skip
+    assert r.returncode == 2 and "not a keye model folder" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert list(tmp.iterdir()) == []

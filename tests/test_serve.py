@@ -328,7 +328,7 @@ def test_busy_port_is_one_line_and_ctrl_c_removes_the_upload_folder(request, tmp
     assert r.returncode == 1 and r.stdout == ""
     assert (
         r.stderr.strip()
-        == f"keye serve: cannot listen on 127.0.0.1:{port} (in use? pick another with --port)"
+        == f"keye serve: cannot listen on 127.0.0.1:{port} (in use); pick another with --port (e.g. --port {port + 1})"
     )
     proc, _ = _launch(request, tmp=tmp_path)
     assert len(list(tmp_path.glob("keye-serve-*"))) == 1

@@ -191,18 +191,13 @@ async def _events(engine: Engine, job: Job, rid: str, created: int, name: str, i
 def run(cfg: ServeConfig) -> None:
     """Load the model and serve until interrupted: uvicorn on a thread, the engine on this one (which loaded the
     model; see `Engine.run_forever`)."""
-    import socket
-
     import uvicorn
 
     from keye import load_pretrained
+    from keye.ports import check_port
 
-    busy = f"keye serve: cannot listen on {cfg.host}:{cfg.port} (in use? pick another with --port)"
-    with socket.socket() as probe:  # before loading the model: a busy port fails at once
-        try:
-            probe.bind((cfg.host, cfg.port))
-        except OSError:
-            raise SystemExit(busy) from None
+    fix = f"pick another with --port (e.g. --port {cfg.port + 1})"
+    check_port(cfg.host, cfg.port, "keye serve", fix)  # before loading the model: a busy port fails at once
     model, processor = load_pretrained(cfg.model)
     app = build_app(model, processor, cfg, engine_thread=False)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
@@ -210,7 +205,7 @@ def run(cfg: ServeConfig) -> None:
     http.start()
     while not server.started:
         if not http.is_alive():
-            raise SystemExit(busy)
+            raise SystemExit(f"keye serve: cannot listen on {cfg.host}:{cfg.port}; {fix}")
         time.sleep(0.05)
     print(f"keye serve: {cfg.model} on http://{cfg.host}:{cfg.port}/v1", flush=True)
     engine = app.state.engine

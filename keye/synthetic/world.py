@@ -4,6 +4,7 @@ the labels of a sample (`SceneObject`, `Scene`, `VideoSpec`, `QA`, `Sample`), se
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -152,6 +153,14 @@ class QA:
     options: list[str]
     answer_letter: str
     scene: int | None = None
+
+    def is_correct(self, reply: str) -> bool:
+        """Whether an open-ended reply is right: it names the true answer and no other option's value (words compared
+        in lower case, punctuation ignored), so "a red diamond" is right for "red" and "red or blue" is not."""
+        words = re.findall(r"[a-z0-9]+", reply.lower())
+        truth = self.answer.lower()
+        values = [o.split(". ", 1)[1].lower() for o in self.options]
+        return truth in words and not any(v in words for v in values if v != truth)
 
     def to_dict(self) -> dict:
         return asdict(self)
