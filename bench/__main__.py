@@ -15,6 +15,7 @@ BENCHES = [
     "bench.bench_encoders",
     "bench.bench_sandbox",
     "bench.bench_serve",
+    "bench.bench_thyme",
     "bench.bench_training",
 ]
 

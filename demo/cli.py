@@ -82,7 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends the demo like Ctrl-C: the folder is removed
     with tempfile.TemporaryDirectory(prefix="keye-demo-") as work:
         os.environ["GRADIO_TEMP_DIR"] = os.path.join(work, "gradio")  # read when gradio is imported
-        from keye.demo.app import run
+        from keye.demo.page import run
 
         try:
             run(

@@ -12,12 +12,14 @@ from keye.processing import VideoInput
 
 __all__ = [
     "error_message",
+    "same_question",
     "reply_messages",
     "speed_summary",
     "split_thinking",
     "tool_answer",
     "tool_round_messages",
     "tools_status",
+    "truth_panel",
     "video_summary",
 ]
 
@@ -154,3 +156,24 @@ def tools_status() -> tuple[bool, str]:
     if report["backend"] != "bwrap":
         return False, f"Not available: the sandbox cannot isolate code here ({report['reason']})."
     return True, f"Images only; each question runs its own loop. Sandbox: {report['summary']}."
+
+
+def same_question(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def truth_panel(sample, graded: dict[str, tuple[str, bool]], model_name: str) -> str:
+    """The generated example's ground truth: what the clip shows and each preset question's expected answer, with
+    the model's answer and a right/wrong mark once asked."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = [f"| Question | Expected | {model_name} |", "|---|---|---|"]
+    for qa in sample.questions:
+        said = graded.get(qa.question)
+        mark = "" if said is None else f"{cell(said[0]) or '(nothing)'} {'✓' if said[1] else '✗'}"
+        rows.append(f"| {cell(qa.question)} | **{cell(qa.answer)}** | {mark} |")
+    right = sum(ok for _, ok in graded.values())
+    score = f" · {right} of {len(graded)} right so far" if graded else ""
+    return f"**Generated example**: *{sample.caption}*{score}\n\n" + "\n".join(rows)

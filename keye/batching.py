@@ -26,7 +26,16 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-__all__ = ["BatchDecoder", "Sequence", "prefill"]
+__all__ = ["BatchDecoder", "Sequence", "cache_from_layers", "prefill"]
+
+
+def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A `DynamicCache` holding ``layers`` (each ``(keys, values)``, ``(B, heads, T, head_dim)``), not copied."""
+    cache = DynamicCache(config=model.config.text_config)
+    for layer, (k, v) in zip(cache.layers, layers, strict=True):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
 
 
 @torch.inference_mode()
@@ -81,6 +90,11 @@ class Sequence:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    keep_eos: bool = False  # the end-of-turn token that stopped it is the last of ``tokens`` (RL scores it)
+    return_cache: bool = False  # when it stops, ``cache`` holds its KV again (every token but the last)
+    # ``(tokens so far, logits (1, V)) -> scores (1, V)`` to sample from instead of temperature and top-p
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    generator: torch.Generator | None = None  # default: a new one, seeded by ``seed``
     on_text: Callable[[str], None] | None = None
     on_done: Callable[[Sequence], None] | None = None
     tokens: list[int] = field(default_factory=list)
@@ -90,8 +104,7 @@ class Sequence:
     cancelled: bool = False
 
     def __post_init__(self):
-        self.generator = None
-        if self.temperature > 0:
+        if self.generator is None and (self.temperature > 0 or self.logits_processor is not None):
             self.generator = torch.Generator()
             if self.seed is not None:
                 self.generator.manual_seed(self.seed)
@@ -125,10 +138,7 @@ class BatchDecoder:
             return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
 
         if self.cache is None:
-            self.cache = DynamicCache(config=self.model.config.text_config)
-            for layer, (k, v) in zip(self.cache.layers, seq.cache, strict=True):
-                layer.lazy_initialization(k, v)
-                layer.keys, layer.values = k, v
+            self.cache = cache_from_layers(self.model, seq.cache)
         else:
             grow = total - self.mask.shape[1]
             for layer, (k, v) in zip(self.cache.layers, seq.cache, strict=True):
@@ -153,12 +163,14 @@ class BatchDecoder:
                 self._finish(row, "cancelled")
                 continue
             eos = token in self.eos and not row.ignore_eos
-            if not eos:
+            if not eos or row.keep_eos:
                 row.tokens.append(token)
             reason = "stop" if eos or self._emit(row) else None
             if reason is None and len(row.tokens) >= row.max_new_tokens:
                 reason = "length"
             if reason:
+                if row.return_cache:
+                    row.cache = self._row_cache(i)
                 self._finish(row, reason)
             else:
                 keep.append(i)
@@ -183,11 +195,22 @@ class BatchDecoder:
     def _sample(self, row: Sequence, logits: torch.Tensor) -> int:
         if row.generator is None:
             return int(logits.argmax())
-        scores = TemperatureLogitsWarper(row.temperature)(None, logits[None].clone())
-        if row.top_p < 1.0:
-            scores = TopPLogitsWarper(row.top_p)(None, scores)
+        if row.logits_processor is not None:
+            scores = row.logits_processor(row.tokens, logits[None].clone())
+        else:
+            scores = TemperatureLogitsWarper(row.temperature)(None, logits[None].clone())
+            if row.top_p < 1.0:
+                scores = TopPLogitsWarper(row.top_p)(None, scores)
         probs = torch.softmax(scores, dim=-1).cpu()
         return int(torch.multinomial(probs[0], 1, generator=row.generator))
+
+    def _row_cache(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row ``i``'s KV without its left padding: its prompt and every generated token but the last."""
+        start = int(self.mask[i].argmax())  # its first real column (the padding is on the left)
+        return [
+            (layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:])
+            for layer in self.cache.layers
+        ]
 
     def _emit(self, row: Sequence) -> bool:
         """Decode the row's text so far, pass on what is settled; True when it reached a stop string."""

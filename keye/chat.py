@@ -3,18 +3,26 @@
 A `ChatSession` holds the conversation so far as a `CachedPrefix` (token ids, M-RoPE positions, KV cache). Each new
 turn tokenizes only the new user message (and encodes only its new images/videos); the earlier turns, videos
 included, stay in the cache, so a second question about the same video does not run the vision tower again.
+
+A `ConversationPool` runs many conversations at once: each is driven from its own thread (e.g. by
+`keye.tools.loop.run_tool_loop`, whose sandbox runs then overlap) through a `PooledSession`, and every pending turn of
+every conversation decodes in one `keye.batching.BatchDecoder` batch on the pool's thread. RL draws a Thyme group this
+way. ``send(..., stop_at=TEXT)`` ends a turn with the token that completes ``TEXT`` in both kinds of session.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from keye.batching import BatchDecoder, Sequence, cache_from_layers, prefill
 from keye.compression import compress_inputs, compressor
 from keye.modeling import KeyeForConditionalGeneration
 from keye.prefix import CachedPrefix
@@ -147,10 +155,17 @@ class ChatSession:
         return parts + [{"type": "text", "text": text}]
 
     @torch.inference_mode()
-    def send(self, content: list[dict], *, max_new_tokens: int = 256, **gen_kwargs) -> Reply:
-        """Add a user turn given as content parts (any order of text/image/video) and wait for the whole reply."""
+    def send(
+        self, content: list[dict], *, max_new_tokens: int = 256, stop_at: str | None = None, **gen_kwargs
+    ) -> Reply:
+        """Add a user turn given as content parts (any order of text/image/video) and wait for the whole reply;
+        ``stop_at``: end the turn with the token that completes this text (`StopAtText`)."""
         start = time.perf_counter()
         inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
+        if stop_at is not None:
+            stops = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+            stops.append(StopAtText(self.processor.tokenizer, kwargs["input_ids"].shape[1], stop_at))
+            kwargs["stopping_criteria"] = stops
         out = self.model.generate(**kwargs)
         return self._finish(kwargs, out, inputs, content, start, None)
 
@@ -186,3 +201,150 @@ class ChatSession:
         if "error" in result:
             raise result["error"]
         self._finish(kwargs, result["out"], inputs, content, start, ttft)
+
+
+class StopAtText(StoppingCriteria):
+    """Ends a turn at the first token after which its decoded text contains ``text``; that token is the turn's
+    last. `BatchDecoder`'s stop strings apply the same rule, so a `PooledSession` turn ends at the same token."""
+
+    def __init__(self, tokenizer, prompt_length: int, text: str):
+        self.tokenizer, self.prompt_length, self.text = tokenizer, prompt_length, text
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = [
+            self.text in self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=True)
+            for row in input_ids
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Many conversations decoded together
+# ----------------------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class PooledSession(ChatSession):
+    """A `ChatSession` whose turns a `ConversationPool` decodes, batched with other conversations' turns.
+
+    ``send`` is called from one of `ConversationPool.run`'s worker threads and waits for its turn. Greedy unless a
+    subclass samples (`sequence_settings`); `turn_done` sees every finished turn. Make one with
+    ``pool.session(cls, **chat_kwargs)``."""
+
+    def __init__(self, pool: ConversationPool, model, processor, **kwargs):
+        super().__init__(model, processor, **kwargs)
+        self.pool = pool
+
+    def send(
+        self, content: list[dict], *, max_new_tokens: int = 256, stop_at: str | None = None, **gen_kwargs
+    ) -> Reply:
+        if gen_kwargs:
+            raise TypeError(f"a pooled turn takes no generate() arguments, got {sorted(gen_kwargs)}")
+        return self.pool.submit(self, content, max_new_tokens, stop_at)
+
+    def sequence_settings(self, prompt_ids: torch.Tensor) -> dict:
+        """Extra `keye.batching.Sequence` fields for the turn about to be decoded after ``prompt_ids`` (1, P), the
+        whole conversation so far (sampling: ``logits_processor``, ``generator``). Runs on the pool's thread."""
+        return {}
+
+    def turn_done(self, reply: Reply, seq: Sequence, inputs, prompt_length: int) -> None:
+        """Called on the pool's thread once a turn is decoded and committed (its processor ``inputs``)."""
+
+
+class ConversationPool:
+    """Decodes the turns of many `PooledSession` conversations together, at most ``max_batch`` at once.
+
+    ``run(jobs)`` starts each job (a function driving one or more sessions, e.g. a tool loop) on its own thread and
+    serves their turns on the calling thread, the one that should own the model (processor, prefill and decoding
+    all run there): a turn is prefilled alone, then decodes with every other turn in flight, one token per step for
+    all of them, and leaves the batch when it ends. A conversation's KV cache goes back to its session between
+    turns, so a sandbox run or a slow job holds up no one."""
+
+    def __init__(self, model, processor, *, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.processor, self.max_batch = model, processor, max_batch
+        self.decoder = BatchDecoder(model, processor.tokenizer)
+        self.requests: queue.Queue = queue.Queue()
+
+    def session(self, cls: type[PooledSession] = PooledSession, **kwargs) -> PooledSession:
+        return cls(self, self.model, self.processor, **kwargs)
+
+    def submit(self, session: PooledSession, content, max_new_tokens: int, stop_at: str | None) -> Reply:
+        """From a worker thread: queue the turn and wait until it is decoded."""
+        box: dict = {"done": threading.Event()}
+        self.requests.put((session, content, max_new_tokens, stop_at, box))
+        box["done"].wait()
+        if "error" in box:
+            raise box["error"]
+        return box["reply"]
+
+    def run(self, jobs: list[Callable[[], T]]) -> list[T]:
+        """Run ``jobs`` on worker threads, decoding their turns here; their results in order (the first error of a
+        job is raised after all have ended)."""
+        results: list = [None] * len(jobs)
+        errors: dict[int, BaseException] = {}
+
+        def work(i: int, job: Callable[[], T]) -> None:
+            try:
+                results[i] = job()
+            except BaseException as e:  # re-raised below, on the calling thread
+                errors[i] = e
+
+        threads = [threading.Thread(target=work, args=(i, job), daemon=True) for i, job in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        while True:
+            while len(self.decoder) < self.max_batch:
+                try:
+                    request = self.requests.get(timeout=0 if len(self.decoder) else 0.005)
+                except queue.Empty:
+                    break
+                self._admit(*request)
+            if len(self.decoder):
+                self.decoder.step()
+            elif self.requests.empty() and not any(t.is_alive() for t in threads):
+                break
+        if errors:
+            raise errors[min(errors)]
+        return results
+
+    def _admit(
+        self, session: PooledSession, content, max_new_tokens: int, stop_at: str | None, box: dict
+    ) -> None:
+        """Process and prefill one turn, and add it to the batch; errors go back to the waiting thread."""
+        began = time.perf_counter()
+        try:
+            inputs, kwargs = session._generate_kwargs(content, max_new_tokens, {})
+            vision = {k: kwargs.pop(k) for k in (*VISION_INPUTS, "video_embeds") if k in kwargs}
+            start = kwargs["input_ids"].shape[1]
+            settings = session.sequence_settings(kwargs["input_ids"])
+            state = prefill(self.model, kwargs, **vision)  # the session's cache is left as it was
+        except BaseException as e:
+            box["error"] = e
+            box["done"].set()
+            return
+
+        def done(seq: Sequence) -> None:
+            try:
+                session.prefix.cache = cache_from_layers(self.model, seq.cache)
+                out = torch.cat([kwargs["input_ids"].cpu(), torch.tensor([seq.tokens], dtype=torch.long)], 1)
+                reply = session._finish(kwargs, out, inputs, content, began, None)
+                session.turn_done(reply, seq, inputs, start)
+                box["reply"] = reply
+            except BaseException as e:  # raised in the worker thread
+                box["error"] = e
+            box["done"].set()
+
+        self.decoder.add(
+            Sequence(
+                **state,
+                max_new_tokens=max_new_tokens,
+                stop=[stop_at] if stop_at else [],
+                keep_eos=True,  # as generate() returns it: the end-of-turn token is part of the reply
+                return_cache=True,
+                on_done=done,
+                **settings,
+            )
+        )

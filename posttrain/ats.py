@@ -22,8 +22,8 @@ from transformers import LogitsProcessor
 
 from keye.posttrain.rewards import Reference, extract_answer, normalize_answer, numbers_in, parse_number
 from keye.tools.loop import ToolTrace
+from keye.tools.protocol import CODE_CLOSE, CODE_OPEN
 
-CODE_OPEN, CODE_CLOSE = "<code>", "</code>"
 GREEDY_FLOOR = 1e-4  # temperature 0 is greedy sampling; log-probs use this floor instead of dividing by zero
 
 

@@ -103,6 +103,8 @@ class ToolsConfig:
     memory_mb: int = 1024  # sandbox address-space limit per process
     # Tells the model the turn format and the image_path variable
     system_prompt: str = TOOL_SYSTEM_PROMPT
+    # How many of a group's conversations decode in one batch (0: the whole group; 1: each alone, the same tokens)
+    batch: int = 0
 
     def __post_init__(self):
         if self.max_rounds < 1:
@@ -111,6 +113,8 @@ class ToolsConfig:
             raise ConfigError("rl.tools.code_temperature", f"must be >= 0, got {self.code_temperature}")
         if self.timeout_s <= 0 or self.memory_mb <= 0:
             raise ConfigError("rl.tools", "timeout_s and memory_mb must be positive")
+        if self.batch < 0:
+            raise ConfigError("rl.tools.batch", f"must be >= 0 (0: the whole group), got {self.batch}")
 
     def sandbox(self) -> SandboxConfig:
         return SandboxConfig(

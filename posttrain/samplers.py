@@ -79,6 +79,7 @@ class ToolSampler(PlainSampler):
                 code_temperature=tools.code_temperature,
                 think=rl.think,
                 autocast=self.autocast,
+                max_batch=tools.batch or None,
                 **self.overrides,
             )
 

@@ -1,9 +1,9 @@
 """Thyme RL rollouts for ``keye rl`` with ``rl.tools.enabled``: each response is a multi-round tool conversation.
 
-For each of a group's G responses, `run_tool_loop` (the same loop as ``keye chat --tools``) drives a
-`ToolSamplingSession`, a `ChatSession` that samples with GRPO-ATS (`CodeTemperatureProcessor`: text at
-``rl.temperature``, code between ``<code>`` and ``</code>`` at ``rl.tools.code_temperature``, 0 = greedy), ends a turn
-at ``</code>`` (the environment answers there, as in Thyme) and records, turn by turn, where the model's tokens start,
+For each of a group's G responses, `run_tool_loop` (the same loop as ``keye chat --tools``, which ends every turn at
+``</code>``: the environment answers there, as in Thyme) drives a `ToolSamplingSession`, a pooled chat session that
+samples with GRPO-ATS (`CodeTemperatureProcessor`: text at ``rl.temperature``, code between ``<code>`` and
+``</code>`` at ``rl.tools.code_temperature``, 0 = greedy) and records, turn by turn, where the model's tokens start,
 the temperature each was sampled at, and the turn's image inputs. `build_tool_group` lays the G conversations out as
 one `ToolGroupRollout`::
 
@@ -19,14 +19,16 @@ sampling by that same full forward (no grad), not read from the generation logit
 several KV-cached calls, and the loss's forward is the reference the ratio must agree with. Rewards:
 `keye.posttrain.ats.thyme_score`. `write_tool_task` writes a small synthetic task on which code helps.
 
-Limits: the G conversations are sampled one after another (batching rows whose rounds diverge is future work); the
-prompt must be one user turn with images (no video: the sandbox works on image files). Not for the loss or the
+The G conversations of a group run at once (`keye.chat.ConversationPool`): each row's tool loop on its own thread
+(so sandbox runs overlap), every pending model turn decoded in one batch. Limits: the prompt must be one user turn
+with images (no video: the sandbox works on image files). Not for the loss or the
 trainer (``keye.posttrain.rl``), nor for the sandbox or the turn format (``keye.tools``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,17 +36,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
+from transformers import BatchFeature
 
-from keye.chat import ChatSession, Reply
-from keye.posttrain.ats import CODE_CLOSE, CodeTemperatureProcessor, ThymeScore
+from keye.chat import ChatSession, ConversationPool, PooledSession, Reply
+from keye.posttrain.ats import CodeTemperatureProcessor, ThymeScore
 from keye.posttrain.rollout import GroupRollout, policy_logprobs
 from keye.tools.loop import TOOL_SYSTEM_PROMPT, ToolTrace, run_tool_loop
 from keye.tools.sandbox import SandboxConfig
 
 __all__ = [
     "SampledTurn",
-    "StopAtCodeClose",
     "ToolConversation",
     "ToolGroupRollout",
     "ToolSamplingSession",
@@ -85,71 +86,64 @@ class ToolConversation:
     trace: ToolTrace
 
 
-class StopAtCodeClose(StoppingCriteria):
-    """Ends a row's turn once its text contains ``</code>``.
+class ToolSamplingSession(PooledSession):
+    """A conversation of a Thyme group: GRPO-ATS sampling, each turn cut at ``</code>`` (by `run_tool_loop`), every
+    model turn recorded. Its turns decode in the group's `ConversationPool`, batched with the other rows'.
 
-    generate's own ``stop_strings`` would do, but it indexes the whole vocabulary on every call (about a second on a
-    CPU), and a rollout makes several calls per response; this decodes only the last few tokens.
-    """
-
-    def __init__(self, tokenizer, prompt_length: int, tail_tokens: int = 8):
-        self.tokenizer, self.prompt_length, self.tail_tokens = tokenizer, prompt_length, tail_tokens
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        start = max(self.prompt_length, input_ids.shape[1] - self.tail_tokens)
-        tail = input_ids[:, start:]  # (B, <= tail_tokens)
-        done = [CODE_CLOSE in self.tokenizer.decode(row, skip_special_tokens=False) for row in tail]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
-
-
-class ToolSamplingSession(ChatSession):
-    """A `ChatSession` for RL rollouts: GRPO-ATS sampling, each turn cut at ``</code>``, every model turn recorded.
-
-    ``code_temperature`` 0 samples code greedily. A subclass may add processors after the temperature one with
+    ``code_temperature`` 0 samples code greedily; ``seed`` seeds the row's own random generator, so a row samples
+    the same tokens whatever else is in the batch. A subclass may add processors after the temperature one with
     `extra_logits_processors` (the tests force a scripted reply that way). After `run_tool_loop`, `conversation`
     returns what the loss needs.
     """
 
     def __init__(
-        self, model, processor, *, text_temperature: float = 1.0, code_temperature: float = 0.0, **kwargs
+        self,
+        pool,
+        model,
+        processor,
+        *,
+        text_temperature: float = 1.0,
+        code_temperature: float = 0.0,
+        seed: int = 0,
+        **kwargs,
     ):
-        super().__init__(model, processor, **kwargs)
+        super().__init__(pool, model, processor, **kwargs)
         self.text_temperature = text_temperature
         self.code_temperature = code_temperature
+        self.generator = torch.Generator().manual_seed(seed)
         self.turns: list[SampledTurn] = []
         self.vision: list[dict[str, torch.Tensor]] = []
         self.prompt_length: int | None = None
+        self._ats: CodeTemperatureProcessor | None = None
 
     def extra_logits_processors(self, prompt_length: int) -> list:
         """Processors applied after the turn's `CodeTemperatureProcessor` (none)."""
         return []
 
-    @torch.no_grad()  # not inference_mode: the recorded pixel values are inputs of the loss's forward later
-    def send(self, content: list[dict], *, max_new_tokens: int = 256, **gen_kwargs) -> Reply:
-        inputs, kwargs = self._generate_kwargs(content, max_new_tokens, gen_kwargs)
-        start = kwargs["input_ids"].shape[1]
-        ats = CodeTemperatureProcessor(
+    def sequence_settings(self, prompt_ids: torch.Tensor) -> dict:
+        start = prompt_ids.shape[1]
+        self._ats = CodeTemperatureProcessor(
             self.processor.tokenizer, start, self.text_temperature, self.code_temperature
         )
-        kwargs.update(
-            do_sample=True,
-            temperature=1.0,  # the per-token temperature is the processor's; no truncation (the ratio needs pi)
-            top_k=0,
-            top_p=1.0,
-            logits_processor=[ats, *self.extra_logits_processors(start)],
-            # the environment runs the code as soon as the block closes
-            stopping_criteria=StoppingCriteriaList([StopAtCodeClose(self.processor.tokenizer, start)]),
-        )
-        out = self.model.generate(**kwargs)
-        reply = self._finish(kwargs, out, inputs, content)
-        temps = ats.temperatures()[0]  # (n,)
+        chain = [self._ats, *self.extra_logits_processors(start)]
+        prompt = prompt_ids[0].tolist()
+
+        def process(tokens: list[int], scores: torch.Tensor) -> torch.Tensor:
+            ids = torch.tensor([prompt + tokens])  # (1, P + n): what generate's processors see
+            for p in chain:
+                scores = p(ids, scores)
+            return scores  # the per-token temperature is the processor's; no truncation (the ratio needs pi)
+
+        return {"logits_processor": process, "generator": self.generator}
+
+    def turn_done(self, reply: Reply, seq, inputs, prompt_length: int) -> None:
+        temps = self._ats.temperatures()[0]  # (n,)
         if len(temps) != reply.num_tokens:
             raise RuntimeError(f"recorded {len(temps)} temperatures for {reply.num_tokens} sampled tokens")
         if self.prompt_length is None:
-            self.prompt_length = start
-        self.turns.append(SampledTurn(start=start, length=reply.num_tokens, temperatures=temps))
+            self.prompt_length = prompt_length
+        self.turns.append(SampledTurn(start=prompt_length, length=reply.num_tokens, temperatures=temps))
         self.vision.append({k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs})
-        return reply
 
     def conversation(self, trace: ToolTrace) -> ToolConversation:
         """The sampled conversation of ``trace``; the session's KV cache is released."""
@@ -294,29 +288,38 @@ def sample_tool_group(
     code_temperature: float = 0.0,
     think: bool | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_batch: int | None = None,
     **video_overrides,
 ) -> ToolGroupRollout:
     """Sample ``group_size`` tool conversations to one prompt and score their model tokens under the policy.
 
-    ``max_new_tokens`` is per model turn; the sandbox's output images go under ``out_dir`` (their pixels are
-    processed when they come back, so the caller may delete the folder afterwards). ``autocast``: the context the
-    loss's forward runs in, so that old and new log-probs are computed alike. Uses torch's global RNG.
+    The conversations run together (`keye.chat.ConversationPool`): their turns decode in one batch of at most
+    ``max_batch`` (default: the whole group; 1 generates each response alone, with the same tokens) and their
+    sandbox runs overlap. ``max_new_tokens`` is per model turn; the sandbox's output images go under ``out_dir``
+    (their pixels are processed when they come back, so the caller may delete the folder afterwards).
+    ``autocast``: the context the loss's forward runs in, so that old and new log-probs are computed alike. Each row
+    samples with its own generator, seeded from torch's global RNG.
     """
     question, images = tool_prompt(messages)
     pad = processor.tokenizer.pad_token_id
     pad = pad if pad is not None else processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    conversations = []
-    for row in range(group_size):
-        session = ToolSamplingSession(
-            model,
-            processor,
+    pool = ConversationPool(model, processor, max_batch=max_batch or group_size)
+    seeds = torch.randint(0, 2**62, (group_size,)).tolist()  # from the global RNG: seed it to repeat a group
+    sessions = [
+        pool.session(
+            ToolSamplingSession,
             text_temperature=temperature,
             code_temperature=code_temperature,
+            seed=seed,
             think=think,
             system=system,
             **video_overrides,
         )
-        trace = run_tool_loop(
+        for seed in seeds
+    ]
+    jobs = [
+        functools.partial(
+            run_tool_loop,
             session,
             question,
             images,
@@ -325,7 +328,10 @@ def sample_tool_group(
             out_dir=Path(out_dir) / f"row-{row}",
             max_new_tokens=max_new_tokens,
         )
-        conversations.append(session.conversation(trace))
+        for row, session in enumerate(sessions)
+    ]
+    traces = pool.run(jobs)  # the rows' turns decode together; their sandbox runs overlap
+    conversations = [s.conversation(t) for s, t in zip(sessions, traces)]
     rollout = build_tool_group(conversations, messages, pad_token_id=pad, temperature=temperature)
     with autocast():
         rollout.old_logps = policy_logprobs(model, rollout).float().cpu()  # (G, R), 0 off the model's tokens

@@ -95,3 +95,35 @@ def test_stop_strings_cancel_and_seeded_sampling(keye_tiny, prompts):
     while decoder:
         decoder.step()
     assert other.tokens != sampled.tokens
+
+
+def test_pooled_conversations_equal_chat_sessions_alone(keye_tiny):
+    """Three multi-turn conversations (an image, text) decoded together by a `ConversationPool` give, turn
+    for turn, the tokens `ChatSession` (transformers' generate) gives each alone: every turn after the first
+    continues from the KV cache the batch handed back, left padding removed."""
+    from keye.chat import ChatSession, ConversationPool
+
+    model, processor = keye_tiny
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (84, 112, 3), dtype=np.uint8))
+    scripts = [
+        [[{"type": "image", "image": image}, {"type": "text", "text": "Describe the picture."}],
+         "Is it bright?", "Name one colour in it."],
+        ["Name three colours.", "And three animals?", "Which is the largest?"],
+        ["Count from one to five.", "Now backwards.", "Thanks!"],
+    ]  # fmt: skip
+    lengths = [6, 16, 10]  # the turns end at different steps: rows leave and join a running batch
+
+    def talk(session, script, n):
+        return [session.send(t if isinstance(t, list) else [{"type": "text", "text": t}], max_new_tokens=n).text
+                for t in script]  # fmt: skip
+
+    alone = []
+    for script, n in zip(scripts, lengths):
+        session = ChatSession(model, processor)
+        talk(session, script, n)
+        alone.append(session.prefix.ids[0].tolist())
+    pool = ConversationPool(model, processor, max_batch=3)
+    sessions = [pool.session() for _ in scripts]
+    pool.run([lambda s=s, c=c, n=n: talk(s, c, n) for s, c, n in zip(sessions, scripts, lengths)])
+    assert [s.prefix.ids[0].tolist() for s in sessions] == alone
+    assert len({len(ids) for ids in alone}) == 3

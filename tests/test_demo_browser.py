@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -375,11 +374,15 @@ def tools_model(tmp_path_factory, keye_tiny) -> Path:
 
 
 def test_browser_tools_then_no_tools_sends_the_image_again(tools_model, tmp_path, capsys, bwrap):
+    """Also the server's lifecycle: with TMPDIR pointing at an empty folder, everything it writes (the upload, the
+    tool loop's folder) lives in one keye-demo-* folder, gone after SIGTERM."""
     from PIL import Image
 
     image = tmp_path / "sign.png"
     Image.new("RGB", (320, 240), (30, 120, 200)).save(image)
-    proc, url = _start(["--model", str(tools_model)], tmp_path / "server.log")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, url = _start(["--model", str(tools_model)], tmp_path / "server.log", env={"TMPDIR": str(tmp)})
     try:
         with _page(url, tmp_path / "chromium") as page:
             page.locator("#media input[type=file]").set_input_files(str(image))
@@ -399,47 +402,39 @@ def test_browser_tools_then_no_tools_sends_the_image_again(tools_model, tmp_path
             assert "no_action" not in bots and "max_rounds" not in bots  # no internal status words
             with capsys.disabled():
                 _screenshot(page, "5-tools-then-chat.png")
+        (work,) = tmp.iterdir()
+        assert (
+            work.name.startswith("keye-demo-") and any(work.rglob("sign.png")) and any(work.glob("tools-*"))
+        )
     finally:
-        _stop(proc)
+        status = _stop(proc)
+    assert status == 0 and list(tmp.iterdir()) == []
 
 
-def test_busy_port_is_one_line(tmp_path):
+def test_failed_starts_are_one_line_and_leave_nothing(tmp_path):
+    """A busy port (checked before the model loads) and a missing model (after the work folder was made): one line
+    each, and with TMPDIR pointing at an empty folder, nothing left in it."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         r = subprocess.run(
             [sys.executable, "-m", "keye.cli", "demo", "--port", str(port)],
-            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
         )  # fmt: skip
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == (
         f"keye demo: cannot listen on 127.0.0.1:{port} (in use); choose another: make demo PORT={port + 1} "
         f"(or keye demo --port {port + 1})\n"
     )
-    assert list(tmp_path.iterdir()) == []  # a failed start leaves nothing behind
-
-
-def test_a_demo_leaves_no_temporary_folder(tmp_path):
-    """Its work folder (examples, tool images, Gradio's uploads) is removed when it stops, and after a failed
-    start; checked with TMPDIR pointing at an empty folder."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {"TMPDIR": str(tmp)}
-    proc, url = _start([], tmp_path / "server.log", env=env)
-    from gradio_client import Client
-
-    Client(url, verbose=False, download_files=str(tmp_path / "downloads")).predict(
-        2.0, 16, 1024, "none", api_name="/example"
-    )  # writes a generated clip into the work folder
-    made = [p.name for p in tmp.iterdir()]
-    assert len(made) == 1 and made[0].startswith("keye-demo-"), made
-    assert any((tmp / made[0]).rglob("example-*.mp4"))
-    assert _stop(proc) in (0, 130, -signal.SIGTERM) and list(tmp.iterdir()) == []
-    # A start that fails after the folder was made (no such model) removes it too.
+    assert list(tmp_path.iterdir()) == []
+    missing = ROOT / "no-such-model"
     r = subprocess.run(
-        [sys.executable, "-m", "keye.cli", "demo", "--model", str(tmp_path / "missing"), "--port", str(_free_port())],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, **env},
+        [sys.executable, "-m", "keye.cli", "demo", "--model", str(missing), "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
     )  # fmt: skip
-    assert r.returncode == 2 and "not a keye model folder" in r.stderr and len(r.stderr.splitlines()) == 1
-    assert list(tmp.iterdir()) == []
+    assert r.returncode == 2 and r.stderr == (
+        f"keye: error: {missing}: not a keye model folder (no config.json); use keye-tiny or a saved folder\n"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -19,15 +19,16 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor
 
+from keye.chat import ChatSession, ConversationPool, PooledSession
 from keye.errors import ConfigError
 from keye.posttrain.ats import thyme_score
 from keye.posttrain.gspo import group_advantages, gspo_loss
 from keye.posttrain.rewards import Reference, make_verifier
 from keye.posttrain.rollout import policy_logprobs
-from keye.posttrain.thyme import ToolSamplingSession, build_tool_group
+from keye.posttrain.thyme import ToolSamplingSession, build_tool_group, sample_tool_group
 from keye.tools.loop import TOOL_SYSTEM_PROMPT, ToolRound, ToolTrace, run_tool_loop
-from keye.tools.protocol import parse_turn
-from keye.tools.sandbox import SandboxResult
+from keye.tools.protocol import CODE_CLOSE, parse_turn
+from keye.tools.sandbox import SandboxConfig, SandboxResult
 from keye.training import load_config
 from keye.training.testing import make_tiny_model_folder
 
@@ -174,8 +175,11 @@ def image(tmp_path):
 
 def _scripted(tiny, image, tmp_path, script, **kwargs):
     model, processor = tiny
-    session = ScriptedSession(model, processor, script=script, system=TOOL_SYSTEM_PROMPT)
-    trace = run_tool_loop(session, "How wide is it?", [image], out_dir=tmp_path / "out", **kwargs)
+    pool = ConversationPool(model, processor)
+    session = pool.session(ScriptedSession, script=script, system=TOOL_SYSTEM_PROMPT)
+    (trace,) = pool.run(
+        [lambda: run_tool_loop(session, "How wide is it?", [image], out_dir=tmp_path / "out", **kwargs)]
+    )
     return session, trace
 
 
@@ -288,6 +292,90 @@ def test_code_at_temperature_zero_is_greedy(tiny, image, tmp_path):
     at = first.start - rollout.prompt_length
     greedy = old[at + n_prefix : at + first.length]
     assert (greedy > -1e-3).all()  # log pi_0 of the greedy token: about 0 (probability 1)
+
+
+class EosBias(LogitsProcessor):
+    def __init__(self, eos: int, bias: float):
+        self.eos, self.bias = eos, bias
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.eos] += self.bias
+        return scores
+
+
+def test_a_batched_group_equals_each_response_generated_alone(tiny, image, tmp_path, monkeypatch):
+    """The group's conversations decoded in one batch give the same tokens, masks and old log-probs as each decoded
+    alone (max_batch=1), for a fixed seed: rows of different lengths (the random model ends its turns early now and
+    then), each with a second turn (the demanded answer) that continues from its own returned KV cache."""
+    model, processor = tiny
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    monkeypatch.setattr(
+        ToolSamplingSession, "extra_logits_processors", lambda self, start: [EosBias(eos, 8.5)]
+    )
+
+    def group(max_batch: int):
+        torch.manual_seed(7)
+        return sample_tool_group(
+            model, processor, [{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                                            {"type": "text", "text": "How wide is it?"}]}],
+            4, max_rounds=1, max_new_tokens=24, sandbox=SandboxConfig(), out_dir=tmp_path / str(max_batch),
+            max_batch=max_batch,
+        )  # fmt: skip
+
+    batched, alone = group(4), group(1)
+    assert [len(t.rounds) for t in batched.traces] == [2, 2, 2, 2]  # no code: an answer was demanded of each
+    lengths = batched.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1  # the rows differ in length: the batch was padded
+    assert torch.equal(batched.response_ids, alone.response_ids)
+    assert torch.equal(batched.response_mask, alone.response_mask)
+    assert torch.equal(batched.temperatures, alone.temperatures)
+    torch.testing.assert_close(batched.old_logps, alone.old_logps, atol=1e-5, rtol=0)
+    assert [t.to_dict() for t in batched.traces] == [t.to_dict() for t in alone.traces]
+
+
+class ForcedPooled(PooledSession):
+    """A pooled turn that writes a fixed text (then whatever the model says): the same forcing as `Force`."""
+
+    def __init__(self, *args, text: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text = text
+
+    def sequence_settings(self, prompt_ids):
+        force = Force(
+            self.processor.tokenizer(self.text, add_special_tokens=False)["input_ids"], prompt_ids.shape[1]
+        )
+        prompt = prompt_ids[0].tolist()
+        return {"logits_processor": lambda tokens, scores: force(torch.tensor([prompt + tokens]), scores),
+                "generator": torch.Generator().manual_seed(0)}  # fmt: skip
+
+
+def test_a_tool_turn_ends_at_code_close_in_chat_and_in_rl_alike(tiny):
+    """`run_tool_loop` sends every turn with stop_at=</code>: a chat session (generate + StopAtText, as keye chat
+    --tools and the demo run it) and a pooled session (BatchDecoder's stop string, as RL runs it) end the turn at the
+    same token, the one that completes </code>, whatever the model would write next."""
+    model, processor = tiny
+    text = "<think>crop it</think><code>\n```python\nprint(1)\n```\n</code> and then more words"
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    content = [{"type": "text", "text": "How wide is it?"}]
+    chat = ChatSession(model, processor)
+    forced = Force(ids, None)
+
+    class Late(LogitsProcessor):  # Force needs the prompt length, known once generate starts
+        def __call__(self, input_ids, scores):
+            forced.start = forced.start or input_ids.shape[1]
+            return forced(input_ids, scores)
+
+    reply = chat.send(content, max_new_tokens=64, stop_at=CODE_CLOSE, logits_processor=[Late()])
+    pool = ConversationPool(model, processor)
+    pooled = pool.session(ForcedPooled, text=text)
+    (pooled_reply,) = pool.run([lambda: pooled.send(content, max_new_tokens=64, stop_at=CODE_CLOSE)])
+    chat_ids = chat.prefix.ids[0, -reply.num_tokens :].tolist()
+    pooled_ids = pooled.prefix.ids[0, -pooled_reply.num_tokens :].tolist()
+    assert chat_ids == pooled_ids
+    end = next(n for n in range(1, len(ids) + 1) if CODE_CLOSE in processor.tokenizer.decode(ids[:n]))
+    assert chat_ids == ids[:end]  # cut at the token that completes </code>, not later
+    assert reply.text == pooled_reply.text and reply.text.endswith(CODE_CLOSE)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keye.tools.protocol import ParsedTurn, format_sandbox_output, parse_turn
+from keye.tools.protocol import CODE_CLOSE, ParsedTurn, format_sandbox_output, parse_turn
 from keye.tools.sandbox import SandboxConfig, SandboxResult, run_snippet
 
 TOOL_SYSTEM_PROMPT = (
@@ -94,15 +94,16 @@ def run_tool_loop(
 ) -> ToolTrace:
     """Run the loop until the model answers, or for ``max_rounds`` code rounds and then one demand for an answer.
 
-    ``session`` is a `keye.chat.ChatSession` (ideally created with ``system=TOOL_SYSTEM_PROMPT``); ``on_round`` is
-    called after each round (the demo streams the trace with it).
+    ``session`` is a `keye.chat.ChatSession` or `keye.chat.PooledSession` (ideally created with
+    ``system=TOOL_SYSTEM_PROMPT``); each turn ends at ``</code>`` (``stop_at``), where the sandbox takes over.
+    ``on_round`` is called after each round (the demo streams the trace with it).
     """
     trace = ToolTrace(question=question)
     all_images = [str(p) for p in images]
     content = [*({"type": "image", "image": p} for p in all_images), {"type": "text", "text": question}]
     code_rounds = 0
     while True:
-        reply = session.send(content, max_new_tokens=max_new_tokens)
+        reply = session.send(content, max_new_tokens=max_new_tokens, stop_at=CODE_CLOSE)
         rnd = ToolRound(text=reply.text, parsed=parse_turn(reply.text))
         trace.rounds.append(rnd)
         done = rnd.parsed.kind == "answer" or bool(trace.stopped)  # answered, or this was the demanded answer

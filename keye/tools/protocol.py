@@ -31,9 +31,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["PROTOCOL_TAGS", "ParsedTurn", "format_sandbox_output", "parse_turn"]
+__all__ = ["CODE_CLOSE", "CODE_OPEN", "PROTOCOL_TAGS", "ParsedTurn", "format_sandbox_output", "parse_turn"]
 
 PROTOCOL_TAGS = ("think", "code", "answer", "sandbox_output")
+# A model turn ends with the token that completes CODE_CLOSE (the environment runs the code there), in chat, the
+# demo and RL alike: `keye.tools.loop.run_tool_loop` sends every turn with ``stop_at=CODE_CLOSE``.
+CODE_OPEN, CODE_CLOSE = "<code>", "</code>"
 _FENCE = re.compile(r"(`{3,}|~{3,})[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n")
 
 

@@ -1,0 +1,61 @@
+"""One Thyme RL step, the group's responses decoded one at a time vs together, side by side.
+
+``configs/posttrain/thyme-tiny.yaml`` as shipped (keye-tiny with LoRA, 2 prompts x 4 responses, up to 2 code rounds of
+96 tokens, hints escalating while a group fails), on the task ``keye posttrain-data`` writes, one step each, with
+``rl.tools.batch=1`` (every response generated alone: what the recipe did before `keye.chat.ConversationPool`) and
+as shipped (the group decoded in one batch, sandbox runs overlapping). Both draw the same tokens (each row has its own
+seeded generator; `tests/test_thyme_rl.py` checks it), so they run the same hint levels and rounds; the figure is the
+trainer's own step time (rollouts, rewards, loss and update; held-out evaluation off).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "posttrain" / "thyme-tiny.yaml"
+
+__all__ = ["main", "measure"]
+
+
+def _step(tmp: Path, prompts: Path, name: str, *overrides: str) -> dict:
+    out = tmp / name
+    cmd = [sys.executable, "-m", "keye.cli", "rl", "--config", str(CONFIG), f"output_dir={out}",
+           f"data.sources=[{{path: {prompts}, weight: 1}}]", "max_steps=1", "save_every=1", "rl.eval_manifest=null",
+           *overrides]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
+    (m,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return m
+
+
+def measure() -> dict:
+    from keye.posttrain.rl import write_rl_prompts
+    from keye.posttrain.thyme import write_tool_task
+
+    with tempfile.TemporaryDirectory(prefix="keye-bench-thyme-") as d:
+        tmp = Path(d)
+        prompts = write_rl_prompts(write_tool_task(tmp / "task", n=16, seed=0, size=112), tmp / "thyme.jsonl")
+        alone = _step(tmp, prompts, "alone", "rl.tools.batch=1")
+        batched = _step(tmp, prompts, "batched")
+    keys = ("time_s", "reward_mean", "code_rounds", "groups_trained")
+    return {
+        "alone": {k: alone.get(k) for k in keys},
+        "batched": {k: batched.get(k) for k in keys},
+        "ratio": batched["time_s"] / alone["time_s"],
+    }
+
+
+def main() -> None:
+    r = measure()
+    print(f"Thyme RL step ({CONFIG.name} as shipped, keye-tiny, 2 prompts x 4 responses):")
+    print(f"  each response alone : {r['alone']['time_s']:7.1f} s   {r['alone']}")
+    print(f"  group in one batch  : {r['batched']['time_s']:7.1f} s   {r['batched']}")
+    print(f"  ratio batched/alone : {r['ratio']:.3f}   (goal <= 0.25)")
+
+
+if __name__ == "__main__":
+    main()
