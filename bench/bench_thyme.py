@@ -6,6 +6,13 @@
 as shipped (the group decoded in one batch, sandbox runs overlapping). Both draw the same tokens (each row has its own
 seeded generator; `tests/test_thyme_rl.py` checks it), so they run the same hint levels and rounds; the figure is the
 trainer's own step time (rollouts, rewards, loss and update; held-out evaluation off).
+
+Measured here (2 cores, keye-tiny v1): 32.3 s alone, 21.4 s batched, ratio 0.66 (goal <= 0.25: not met). The
+recipe before batching (commit 4d3a4e2, HF generate per response) took 30.5 s on the same step. Why batching gains
+so little here: keye-tiny v1 writes no code and answers each turn in 1-10 tokens, so a group's cost is prefill and
+the full forward that scores the old log-probs (about 1 s of the 2.1 s a group takes), not decoding; the hints
+escalate through up to 5 levels per prompt, one group each, one after another. Sharing the group's prompt prefill
+(4 prefills -> 1) is most of the gain. Batching pays where turns are long, as when a model writes code.
 """
 
 from __future__ import annotations

@@ -258,8 +258,9 @@ class ConversationPool:
     ``run(jobs)`` starts each job (a function driving one or more sessions, e.g. a tool loop) on its own thread and
     serves their turns on the calling thread, the one that should own the model (processor, prefill and decoding
     all run there): a turn is prefilled alone, then decodes with every other turn in flight, one token per step for
-    all of them, and leaves the batch when it ends. A conversation's KV cache goes back to its session between
-    turns, so a sandbox run or a slow job holds up no one."""
+    all of them, and leaves the batch when it ends; identical first turns (a group's shared prompt) are prefilled
+    once. A conversation's KV cache goes back to its session between turns, so a sandbox run or a slow job holds up
+    no one."""
 
     def __init__(self, model, processor, *, max_batch: int = 8):
         if max_batch < 1:
@@ -267,6 +268,9 @@ class ConversationPool:
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.decoder = BatchDecoder(model, processor.tokenizer)
         self.requests: queue.Queue = queue.Queue()
+        self._opening: tuple | None = (
+            None  # the last first turn prefilled: (input ids, vision inputs, its state)
+        )
 
     def session(self, cls: type[PooledSession] = PooledSession, **kwargs) -> PooledSession:
         return cls(self, self.model, self.processor, **kwargs)
@@ -310,6 +314,26 @@ class ConversationPool:
             raise errors[min(errors)]
         return results
 
+    def _prefill(self, kwargs: dict, vision: dict) -> dict:
+        """`prefill`, once for the identical first turns of several conversations (a group's rows share their
+        prompt): the state is shared, never written to (`BatchDecoder.add` copies it into the batch). With
+        ``max_batch=1`` every turn is prefilled on its own, as if each conversation ran alone."""
+        cache = kwargs.get("cache")
+        if self.max_batch == 1 or (cache is not None and cache.get_seq_length()):
+            return prefill(self.model, kwargs, **vision)  # the session's cache is left as it was
+        ids = kwargs["input_ids"]
+        if self._opening is not None:
+            ids0, vision0, state = self._opening
+            same = vision.keys() == vision0.keys() and all(
+                torch.equal(v, vision0[k]) if isinstance(v, torch.Tensor) else v == vision0[k]
+                for k, v in vision.items()
+            )
+            if same and torch.equal(ids, ids0):
+                return dict(state)
+        state = prefill(self.model, kwargs, **vision)
+        self._opening = (ids, vision, state)
+        return dict(state)
+
     def _admit(
         self, session: PooledSession, content, max_new_tokens: int, stop_at: str | None, box: dict
     ) -> None:
@@ -320,7 +344,7 @@ class ConversationPool:
             vision = {k: kwargs.pop(k) for k in (*VISION_INPUTS, "video_embeds") if k in kwargs}
             start = kwargs["input_ids"].shape[1]
             settings = session.sequence_settings(kwargs["input_ids"])
-            state = prefill(self.model, kwargs, **vision)  # the session's cache is left as it was
+            state = self._prefill(kwargs, vision)
         except BaseException as e:
             box["error"] = e
             box["done"].set()
