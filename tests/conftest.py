@@ -90,17 +90,24 @@ def bwrap() -> str:
 @pytest.fixture(scope="session", autouse=True)
 def keye_home(tmp_path_factory) -> Path:
     """Every test's outputs stay under pytest's temporary folders: keye-tiny's cache ($KEYE_HOME, built once per
-    session), the browser test's screenshots ($KEYE_ARTIFACTS). Subprocesses inherit both."""
+    session), the browser test's screenshots ($KEYE_ARTIFACTS), and every other temporary file ($TMPDIR: torchrun's
+    rendezvous folders, gradio_client's downloads, ``tempfile`` in tests and servers). Subprocesses inherit all
+    three."""
+    import tempfile
+
     home = tmp_path_factory.mktemp("keye-home")
-    saved = {k: os.environ.get(k) for k in ("KEYE_HOME", "KEYE_ARTIFACTS")}
+    saved = {k: os.environ.get(k) for k in ("KEYE_HOME", "KEYE_ARTIFACTS", "TMPDIR")}
     os.environ["KEYE_HOME"] = str(home)
     os.environ["KEYE_ARTIFACTS"] = str(tmp_path_factory.mktemp("artifacts"))
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    tempfile.tempdir = None  # read TMPDIR again
     yield home
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    tempfile.tempdir = None
 
 
 @pytest.fixture
