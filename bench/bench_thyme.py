@@ -41,7 +41,7 @@ def _step(tmp: Path, prompts: Path, name: str, *overrides: str) -> dict:
 
 def measure() -> dict:
     from keye.posttrain.rl import write_rl_prompts
-    from keye.posttrain.thyme import write_tool_task
+    from keye.posttrain.tooltask import write_tool_task
 
     with tempfile.TemporaryDirectory(prefix="keye-bench-thyme-") as d:
         tmp = Path(d)

@@ -154,7 +154,7 @@ class DemoApp:
         self.model_name = model_name
         self.limits = limits
         self.card = model.config.card
-        # Generated examples and the tool loop's images. The caller owns the folder (`run` removes it on exit).
+        # Generated examples and the tool loop's images. The caller owns the folder (`keye demo` removes it on exit).
         self.work_dir = Path(work_dir)
         self._example_lock = threading.Lock()
         self._example_count = 0

@@ -268,9 +268,8 @@ class ConversationPool:
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.decoder = BatchDecoder(model, processor.tokenizer)
         self.requests: queue.Queue = queue.Queue()
-        self._opening: tuple | None = (
-            None  # the last first turn prefilled: (input ids, vision inputs, its state)
-        )
+        # the last first turn prefilled: (input ids, vision inputs, its state)
+        self._opening: tuple | None = None
 
     def session(self, cls: type[PooledSession] = PooledSession, **kwargs) -> PooledSession:
         return cls(self, self.model, self.processor, **kwargs)

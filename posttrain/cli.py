@@ -14,6 +14,7 @@ The module also runs on its own: ``python -m keye.posttrain.cli sft --config ...
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 __all__ = ["add_parser", "main", "prepare_data"]
@@ -56,7 +57,9 @@ def prepare_data(
     """Synthetic post-training data under ``out``: ``media/`` (videos and images with every question), SFT
     ``think.jsonl`` / ``no_think.jsonl``, RL ``rl_prompts.jsonl`` (multiple choice, with hints), ``rl_heldout.jsonl``
     (another seed), ``pairs.jsonl`` (preference pairs), and the Thyme tool-use task (`write_tool_task`: zoom into a
-    corner, measure a width) as ``thyme_prompts.jsonl`` / ``thyme_heldout.jsonl``. ``fps``/``max_objects``/
+    corner, measure a width) as ``thyme_prompts.jsonl`` / ``thyme_heldout.jsonl`` and its tool-use SFT conversations
+    (`write_tool_sft`, run in the sandbox; skipped with a warning without one) as ``thyme_sft/manifest.jsonl``.
+    ``fps``/``max_objects``/
     ``text_prob``/``object_scale`` set the generator (keye-tiny was trained at 8 fps, 4 s, 2 objects, no text, objects
     0.3-0.42 of the frame); ``rl_qtypes`` keeps only those question types in the two RL manifests."""
     from pathlib import Path
@@ -64,8 +67,9 @@ def prepare_data(
     from keye.posttrain.dpo import write_preference_pairs
     from keye.posttrain.rl import write_rl_prompts
     from keye.posttrain.sft import write_thinking_mix
-    from keye.posttrain.thyme import write_tool_task
+    from keye.posttrain.tooltask import write_tool_sft, write_tool_task
     from keye.synthetic import generate_dataset
+    from keye.tools.sandbox import SandboxUnavailableError
 
     out = Path(out)
     common = dict(
@@ -91,6 +95,10 @@ def prepare_data(
     thyme_held = write_tool_task(out / "thyme_heldout", n=max(8, n // 4), seed=seed + 10_000, size=size)
     paths["thyme_prompts"] = write_rl_prompts(thyme, out / "thyme_prompts.jsonl")
     paths["thyme_heldout"] = write_rl_prompts(thyme_held, out / "thyme_heldout.jsonl")
+    try:
+        paths["thyme_sft"] = write_tool_sft(out / "thyme_sft", n=n, seed=seed + 20_000, size=size)
+    except SandboxUnavailableError as e:  # the traces hold real sandbox output; everything else is written
+        logging.getLogger(__name__).warning("thyme_sft not written: %s", e)
     return paths
 
 

@@ -17,7 +17,7 @@ one `ToolGroupRollout`::
 `keye.posttrain.rollout.policy_logprobs` scores it like a plain group. The old log-probs are computed once after
 sampling by that same full forward (no grad), not read from the generation logits: a conversation is generated in
 several KV-cached calls, and the loss's forward is the reference the ratio must agree with. Rewards:
-`keye.posttrain.ats.thyme_score`. `write_tool_task` writes a small synthetic task on which code helps.
+`keye.posttrain.ats.thyme_score`. The synthetic task on which code helps: `keye.posttrain.tooltask`.
 
 The G conversations of a group run at once (`keye.chat.ConversationPool`): each row's tool loop on its own thread
 (so sandbox runs overlap), every pending model turn decoded in one batch. Limits: the prompt must be one user turn
@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import BatchFeature
 
@@ -54,7 +52,6 @@ __all__ = [
     "tool_metrics",
     "tool_prompt",
     "tool_response",
-    "write_tool_task",
 ]
 
 
@@ -383,120 +380,3 @@ def tool_metrics(rollouts: Sequence[ToolGroupRollout]) -> dict[str, float]:
     for key in ("result", "consistency", "format"):
         out[f"r_{key}"] = sum(getattr(s, key) for s in scores) / len(scores) if scores else 0.0
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# A synthetic task on which code helps
-# ----------------------------------------------------------------------------------------------------------------------
-
-_COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 70),
-    "blue": (40, 80, 220),
-    "yellow": (230, 200, 40),
-    "purple": (140, 60, 170),
-    "orange": (240, 140, 30),
-}
-_CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-
-
-def _zoom_sample(rng: np.random.Generator, size: int):
-    """A few large shapes and, in one corner, a two-digit number printed too small to read without zooming."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
-    draw = ImageDraw.Draw(image)
-    names = list(_COLOURS)
-    for _ in range(3):
-        x0, y0 = (int(v) for v in rng.integers(size // 6, size // 2, 2))
-        w, h = (int(v) for v in rng.integers(size // 6, size // 3, 2))
-        draw.ellipse((x0, y0, x0 + w, y0 + h), fill=_COLOURS[names[rng.integers(len(names))]])
-    number = int(rng.integers(10, 100))
-    font = ImageFont.load_default(size=max(6, size // 16))
-    left, top, right, bottom = draw.textbbox((0, 0), str(number), font=font)
-    w, h = right - left + 2, bottom - top + 2
-    corner = _CORNERS[rng.integers(4)]
-    x = 1 if "left" in corner else size - w - 1
-    y = 1 if "top" in corner else size - h - 1
-    draw.rectangle((x, y, x + w, y + h), fill=(255, 255, 255))
-    draw.text((x + 1 - left, y + 1 - top), str(number), fill=(0, 0, 0), font=font)
-    q = size // 3
-    box = (0 if "left" in corner else size - q, 0 if "top" in corner else size - q)
-    box = (*box, box[0] + q, box[1] + q)
-    question = (
-        f"A small number is printed in the {corner} corner of the image. What is it? Answer with the number."
-    )
-    hints = {
-        "concept": "The number is too small to read at this size; an enlarged crop of that corner makes it legible.",
-        "strategy": f"Crop the {corner} corner of the image, enlarge it, and read the number from the enlarged image.",
-        "tool": f"Image.open(image_path).crop({box}).resize(({4 * q}, {4 * q})).save('corner.png')",
-        "solution": f"The answer is {number}.",
-    }
-    return image, question, str(number), hints
-
-
-def _measure_sample(rng: np.random.Generator, size: int):
-    """Coloured rectangles; the question asks the width in pixels of one of them (drawn last, so fully visible)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size), (245, 245, 245))
-    draw = ImageDraw.Draw(image)
-    names = [str(c) for c in rng.permutation(list(_COLOURS))[:3]]
-    widths = [int(rng.integers(size // 8, size * 3 // 4)) for _ in names]
-    for name, w in zip(names, widths):
-        h = int(rng.integers(size // 8, size // 3))
-        x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-        draw.rectangle((x0, y0, x0 + w - 1, y0 + h - 1), fill=_COLOURS[name])
-    target, rgb, w = names[-1], _COLOURS[names[-1]], widths[-1]
-    question = f"How many pixels wide is the {target} rectangle? Answer with a number."
-    hints = {
-        "concept": "The width in pixels is the number of image columns the rectangle covers.",
-        "strategy": f"Find the pixels whose colour is exactly {rgb} and count the columns they occupy.",
-        "tool": f"a = np.array(Image.open(image_path).convert('RGB')); print((a == {rgb}).all(-1).any(0).sum())",
-        "solution": f"The answer is {w}.",
-    }
-    return image, question, str(w), hints
-
-
-def write_tool_task(folder: str | Path, *, n: int = 16, seed: int = 0, size: int = 112) -> Path:
-    """A synthetic image task on which code helps: ``n`` images under ``folder/media`` and ``folder/manifest.jsonl``.
-
-    Half the lines ask for a two-digit number printed too small to read in one corner (``qtype: zoom``: crop and
-    enlarge), half for the width in pixels of a coloured rectangle (``qtype: measure``: count columns with numpy).
-    Lines are chat-manifest lines with ``meta.answer`` (a number: use the ``number`` verifier) and task-specific
-    ``meta.hints``; `keye.posttrain.rl.write_rl_prompts` turns the manifest into RL prompts.
-    """
-    folder = Path(folder)
-    (folder / "media").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n):
-        qtype = ("zoom", "measure")[i % 2]
-        image, question, answer, hints = (_zoom_sample if qtype == "zoom" else _measure_sample)(rng, size)
-        media = f"media/thyme-{seed}-{i:05d}.png"
-        image.save(folder / media)  # PNG: lossless, so the colours the hints name are exact
-        lines.append(
-            {
-                "id": f"thyme-{seed}-{i:05d}-{qtype}",
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [{"type": "image", "image": media}, {"type": "text", "text": question}],
-                    },
-                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-                ],
-                "meta": {
-                    "qtype": qtype,
-                    "answer": answer,
-                    "options": [],
-                    "style": "open",
-                    "hints": hints,
-                    "source": "synthetic-thyme",
-                    "seed": seed,
-                    "index": i,
-                },
-            }
-        )
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return manifest

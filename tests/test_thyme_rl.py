@@ -388,7 +388,7 @@ def test_keye_rl_thyme_tiny_two_steps(tmp_path):
     from keye.cli import main
     from keye.posttrain.rewards import VERIFIERS, register_verifier
     from keye.posttrain.rl import write_rl_prompts
-    from keye.posttrain.thyme import write_tool_task
+    from keye.posttrain.tooltask import write_tool_task
 
     if "test_parity" not in VERIFIERS:
         # A random model never answers right; a reward that varies within a group gives GSPO non-zero advantages.

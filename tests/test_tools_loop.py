@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,3 +94,43 @@ def test_trace_as_sft_conversation_trains_model_turns_only(image, tmp_path, keye
     assert (
         int((inputs["input_ids"] == processor.token_ids["image_pad"]).sum()) > 0
     )  # the crop is an image input
+
+
+def test_generated_tool_sft_conversations_run_in_the_sandbox_and_train_model_turns_only(
+    bwrap, tmp_path, keye_tiny
+):
+    """`write_tool_sft`: every code turn really ran (a recovering sample fails first, then succeeds), the answer is
+    the task's, and the SFT labels cover the model's turns only: the sandbox's text and images are inputs."""
+    import json
+
+    from keye.posttrain.sft import resolve_media
+    from keye.posttrain.tooltask import write_tool_sft
+    from keye.tools.loop import TOOL_SYSTEM_PROMPT
+
+    _, processor = keye_tiny
+    manifest = write_tool_sft(tmp_path / "sft", n=4, seed=1, recover_share=0.5)
+    lines = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert [x["meta"]["qtype"] for x in lines] == ["zoom", "measure", "zoom", "measure"]
+    assert [x["recover"] for x in lines] == [True, False, False, True]  # both kinds, for both qtypes
+    for line in lines:
+        messages = resolve_media(line["messages"], manifest.parent)
+        assert messages[0] == {"role": "system", "content": TOOL_SYSTEM_PROMPT}
+        outputs = ["".join(p["text"] for p in m["content"] if p["type"] == "text") for m in messages[3::2]]
+        assert all(o.startswith("<sandbox_output>") for o in outputs)
+        assert [o.startswith("<sandbox_output>Error:") for o in outputs] == [True] * line["recover"] + [False]
+        assert messages[-1]["content"].endswith(f"<answer>{line['meta']['answer']}</answer>")
+        inputs = processor(messages, add_generation_prompt=False, return_labels=True)
+        trained = processor.decode(
+            inputs["input_ids"][0][inputs["labels"][0] != -100], skip_special_tokens=False
+        )
+        assert "<code>" in trained and f"<answer>{line['meta']['answer']}</answer>" in trained
+        assert "sandbox_output" not in trained and "Error:" not in trained
+        images = int((inputs["input_ids"] == processor.token_ids["image_pad"]).sum())
+        if line["meta"]["qtype"] == "zoom":  # the enlarged corner comes back as an image input
+            crops = [p for m in messages[3::2] for p in m["content"] if p["type"] == "image"]
+            assert len(crops) == 1 and Path(crops[0]["image"]).is_file()
+            assert images > int(
+                processor([messages[1]])["input_ids"].eq(processor.token_ids["image_pad"]).sum()
+            )
+        else:
+            assert outputs[-1] == f"<sandbox_output>{line['meta']['answer']}</sandbox_output>"
