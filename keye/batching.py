@@ -205,10 +205,11 @@ class BatchDecoder:
         return int(torch.multinomial(probs[0], 1, generator=row.generator))
 
     def _row_cache(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Row ``i``'s KV without its left padding: its prompt and every generated token but the last."""
+        """Row ``i``'s KV without its left padding: its prompt and every generated token but the last. Copied: a
+        view would keep the whole batch's cache alive for as long as the row's conversation lasts."""
         start = int(self.mask[i].argmax())  # its first real column (the padding is on the left)
         return [
-            (layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:])
+            (layer.keys[i : i + 1, :, start:].clone(), layer.values[i : i + 1, :, start:].clone())
             for layer in self.cache.layers
         ]
 

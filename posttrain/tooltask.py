@@ -188,7 +188,7 @@ def write_tool_sft(
 
     Every code turn runs in the sandbox (bubblewrap), so the conversation holds its real output; a sample whose run
     does not give the expected result raises. ``recover_share`` of them first write a snippet that fails."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # the sandbox reports absolute paths; the manifest holds them relative
     (folder / "media").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 1])
     lines = []

@@ -126,4 +126,9 @@ def test_pooled_conversations_equal_chat_sessions_alone(keye_tiny):
     sessions = [pool.session() for _ in scripts]
     pool.run([lambda s=s, c=c, n=n: talk(s, c, n) for s, c, n in zip(sessions, scripts, lengths)])
     assert [s.prefix.ids[0].tolist() for s in sessions] == alone
+    for s in (
+        sessions
+    ):  # each holds its own KV, not a view pinning a whole batch's cache (64 rows ran out of memory)
+        keys = s.prefix.cache.layers[0].keys
+        assert keys.untyped_storage().nbytes() == keys.numel() * keys.element_size()
     assert len({len(ids) for ids in alone}) == 3
