@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 __all__ = ["check_port"]
@@ -17,5 +18,5 @@ def check_port(host: str, port: int, program: str, fix: str) -> None:
         try:
             probe.bind((host, port))
         except OSError as e:
-            reason = "in use" if e.errno == 98 else e.strerror or str(e)
+            reason = "in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
             raise SystemExit(f"{program}: cannot listen on {host}:{port} ({reason}); {fix}") from None
