@@ -91,15 +91,19 @@ def bwrap() -> str:
 def keye_home(tmp_path_factory) -> Path:
     """Every test's outputs stay under pytest's temporary folders: keye-tiny's cache ($KEYE_HOME, built once per
     session), the browser test's screenshots ($KEYE_ARTIFACTS), and every other temporary file ($TMPDIR: torchrun's
-    rendezvous folders, gradio_client's downloads, ``tempfile`` in tests and servers). Subprocesses inherit all
-    three."""
+    rendezvous folders, gradio_client's downloads, ``tempfile`` in tests and servers). Torch's persistent compile
+    cache, which importing transformers' models creates as ``$TMPDIR/torchinductor_<user>``, gets a folder of its own
+    ($TORCHINDUCTOR_CACHE_DIR), so a test that watches a temporary folder sees only what keye leaves there, whatever
+    ran before it. Subprocesses inherit all of them."""
     import tempfile
 
     home = tmp_path_factory.mktemp("keye-home")
-    saved = {k: os.environ.get(k) for k in ("KEYE_HOME", "KEYE_ARTIFACTS", "TMPDIR")}
+    names = ("KEYE_HOME", "KEYE_ARTIFACTS", "TMPDIR", "TORCHINDUCTOR_CACHE_DIR")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["KEYE_HOME"] = str(home)
     os.environ["KEYE_ARTIFACTS"] = str(tmp_path_factory.mktemp("artifacts"))
     os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
     tempfile.tempdir = None  # read TMPDIR again
     yield home
     for k, v in saved.items():
