@@ -203,14 +203,14 @@ def run(cfg: ServeConfig) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
     http = threading.Thread(target=server.run, name="keye-http", daemon=True)
     http.start()
-    while not server.started:
-        if not http.is_alive():
-            raise SystemExit(f"keye serve: cannot listen on {cfg.host}:{cfg.port}; {fix}")
-        time.sleep(0.05)
-    print(f"keye serve: {cfg.model} on http://{cfg.host}:{cfg.port}/v1", flush=True)
-    engine = app.state.engine
-    threading.Thread(target=lambda: (http.join(), engine.stop()), daemon=True).start()
-    try:
+    try:  # from here on, Ctrl-C (even while waiting for the start) shuts uvicorn down: its lifespan removes uploads
+        while not server.started:
+            if not http.is_alive():
+                raise SystemExit(f"keye serve: cannot listen on {cfg.host}:{cfg.port}; {fix}")
+            time.sleep(0.05)
+        print(f"keye serve: {cfg.model} on http://{cfg.host}:{cfg.port}/v1", flush=True)
+        engine = app.state.engine
+        threading.Thread(target=lambda: (http.join(), engine.stop()), daemon=True).start()
         engine.run_forever()
     finally:
         server.should_exit = True
