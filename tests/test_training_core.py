@@ -254,3 +254,46 @@ def test_batched_videos_keep_their_own_reference_frames(tiny):
         alone = torch.cat([encode(s) for s in videos])
         for batch in (pack_samples([samples[:2], samples[2:]], pad), collate_padded(samples, pad)):
             torch.testing.assert_close(encode(batch), alone)
+
+
+def test_added_token_rows_start_from_their_pieces(keye_tiny):
+    """keye-tiny's <think> and </think> rows are both the mean embedding: with tied embeddings their logits are equal
+    at every position. ``model.init_token_rows`` starts them from their sub-word pieces, apart."""
+    from keye.training.config import ModelConfig
+    from keye.training.model import load_model
+
+    _, processor = keye_tiny
+    tok = processor.tokenizer
+    think, end = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")
+    before, _ = load_model(ModelConfig(path="keye-tiny"))
+    emb = before.get_input_embeddings().weight
+    assert torch.equal(emb[think], emb[end])  # the problem
+    model, _ = load_model(ModelConfig(path="keye-tiny", init_token_rows=["<think>", "</think>"]))
+    emb = model.get_input_embeddings().weight
+    pieces = {t: tok.encode(t[0], add_special_tokens=False) + tok.encode(t[1:], add_special_tokens=False)
+              for t in ("<think>", "</think>")}  # fmt: skip
+    assert [tok.decode([i]) for i in pieces["</think>"]] == ["<", "/", "think", ">"]
+    assert torch.allclose(emb[think], emb[pieces["<think>"]].mean(0))
+    assert torch.allclose(emb[end], emb[pieces["</think>"]].mean(0))
+    assert not torch.allclose(emb[think], emb[end], atol=1e-3)
+    h = torch.randn(3, emb.shape[1])
+    logits = model.lm_head(h)  # tied: the output rows moved with the input rows
+    assert not torch.allclose(logits[:, think], logits[:, end])
+    other = [n for n in range(emb.shape[0]) if n not in (think, end)]
+    assert torch.equal(emb[other], before.get_input_embeddings().weight[other])
+    with pytest.raises(ConfigError, match="init_token_rows.*'think'"):
+        load_model(ModelConfig(path="keye-tiny", init_token_rows=["think"]))
+
+
+def test_a_run_changes_the_card_its_export_carries(keye_tiny):
+    """``model.card``: the fields a run changes (a tool-use SFT claims tools); the rest is the base model's card."""
+    from keye.configuration import KEYE_TINY_CARD
+    from keye.training.config import ModelConfig
+    from keye.training.model import load_model
+
+    model, _ = load_model(ModelConfig(path="keye-tiny", card={"tools": True, "notes": "learned the tools"}))
+    card = model.config.card
+    assert card.tools and card.notes == "learned the tools"
+    assert card.answers == KEYE_TINY_CARD.answers and card.thinking == KEYE_TINY_CARD.thinking
+    with pytest.raises(ConfigError, match="model.card.*'tool'"):
+        load_model(ModelConfig(path="keye-tiny", card={"tool": True}))

@@ -46,6 +46,12 @@ class ModelConfig:
     rope_theta: float | None = None
     attn_implementation: str | None = None  # None: flash_attention_2 on a GPU when installed, else sdpa
     gradient_checkpointing: bool = False
+    # Added tokens whose embedding rows (and tied output rows) start as the mean of their text's sub-word pieces
+    # ("<think>" -> "<", "think", ">") instead of what the model holds; a resumed run restores its own rows.
+    init_token_rows: list[str] = field(default_factory=list)
+    # Model card fields the run changes in what it exports (`keye.configuration.ModelCard`), e.g. {tools: true} once
+    # the model has learned to write Thyme code; the demo and ``keye info`` read the card.
+    card: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from keye.configuration import KeyeConfig
+from keye.configuration import KeyeConfig, ModelCard
 from keye.deltas import apply_delta, lora_layers, read_tensors
 from keye.errors import ConfigError
 from keye.modeling import KeyeForConditionalGeneration
@@ -82,11 +82,38 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[KeyeForConditionalGener
         )
     for path in cfg.init_from:
         apply_delta(model, read_tensors(path))
+    if cfg.init_token_rows:
+        init_rows_from_pieces(model, processor.tokenizer, cfg.init_token_rows)
+    if cfg.card:
+        try:
+            model.config.model_card = ModelCard.from_dict(
+                {**model.config.card.to_dict(), **cfg.card}
+            ).to_dict()
+        except (TypeError, ValueError) as e:
+            raise ConfigError("model.card", str(e)) from None
     if cfg.rope_theta is not None:
         set_rope_theta(model, cfg.rope_theta)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.train(), processor
+
+
+@torch.no_grad()
+def init_rows_from_pieces(model: KeyeForConditionalGeneration, tokenizer, tokens: list[str]) -> None:
+    """Set each added token's embedding row to the mean of the rows of its text split as ordinary text.
+
+    Rows that start equal (keye-tiny's new tokens all start at the mean embedding) stay equal under a tied output
+    layer: ``<think>`` and ``</think>`` then get the same logit wherever they are predicted."""
+    emb = model.get_input_embeddings().weight
+    added = tokenizer.get_added_vocab()
+    for token in tokens:
+        if token not in added:
+            raise ConfigError("model.init_token_rows", f"{token!r} is not an added token of this tokenizer")
+        # the first character apart, so the tokenizer cannot match the added token itself
+        pieces = [
+            i for part in (token[:1], token[1:]) for i in tokenizer.encode(part, add_special_tokens=False)
+        ]
+        emb[added[token]] = emb[pieces].mean(0)
 
 
 def special_token_ids(config: KeyeConfig) -> list[int]:
