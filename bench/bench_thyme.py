@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "posttrain" / "thyme-tiny.yaml"
+# the config's model (the tool-use SFT), as `keye sft --config configs/posttrain/thyme-sft-tiny.yaml` writes it from
+# the checkout; without it, keye-tiny (which writes no code)
+SFT_MODEL = ROOT / "runs" / "posttrain" / "thyme-sft-tiny" / "final" / "model"
 
 __all__ = ["main", "measure"]
 
@@ -39,17 +42,19 @@ def _step(tmp: Path, prompts: Path, name: str, *overrides: str) -> dict:
     return m
 
 
-def measure() -> dict:
+def measure(model: Path | str | None = None) -> dict:
     from keye.posttrain.rl import write_rl_prompts
     from keye.posttrain.tooltask import write_tool_task
 
     with tempfile.TemporaryDirectory(prefix="keye-bench-thyme-") as d:
         tmp = Path(d)
         prompts = write_rl_prompts(write_tool_task(tmp / "task", n=16, seed=0, size=112), tmp / "thyme.jsonl")
-        alone = _step(tmp, prompts, "alone", "rl.tools.batch=1")
-        batched = _step(tmp, prompts, "batched")
+        model = model or (SFT_MODEL if SFT_MODEL.exists() else "keye-tiny")
+        alone = _step(tmp, prompts, "alone", f"model.path={model}", "rl.tools.batch=1")
+        batched = _step(tmp, prompts, "batched", f"model.path={model}")
     keys = ("time_s", "reward_mean", "code_rounds", "groups_trained")
     return {
+        "model": str(model),
         "alone": {k: alone.get(k) for k in keys},
         "batched": {k: batched.get(k) for k in keys},
         "ratio": batched["time_s"] / alone["time_s"],
@@ -58,7 +63,7 @@ def measure() -> dict:
 
 def main() -> None:
     r = measure()
-    print(f"Thyme RL step ({CONFIG.name} as shipped, keye-tiny, 2 prompts x 4 responses):")
+    print(f"Thyme RL step ({CONFIG.name} as shipped, model {r['model']}, 2 prompts x 4 responses):")
     print(f"  each response alone : {r['alone']['time_s']:7.1f} s   {r['alone']}")
     print(f"  group in one batch  : {r['batched']['time_s']:7.1f} s   {r['batched']}")
     print(f"  ratio batched/alone : {r['ratio']:.3f}   (goal <= 0.25)")

@@ -7,6 +7,7 @@ under keye's CLI.
     keye dpo --config configs/posttrain/dpo-tiny.yaml [...]                 # mpo-tiny.yaml: dpo.loss: mpo
     keye merge-lora RUN/checkpoints/step-000100 --out DIR [--base MODEL]   # or RUN/final
     keye posttrain-eval --model DIR --manifest runs/posttrain/data/rl_heldout.jsonl [--no-think] [--n 100]
+    keye posttrain-eval --model DIR --manifest runs/posttrain/data/thyme_heldout.jsonl --tools --verifier normalized
 
 The module also runs on its own: ``python -m keye.posttrain.cli sft --config ...``.
 """
@@ -53,12 +54,16 @@ def prepare_data(
     text_prob: float = 0.5,
     object_scale: list[float] | tuple[float, float] | None = None,
     rl_qtypes: list[str] | None = None,
+    tool_n: int = 128,
+    tool_sft_n: int = 600,
 ) -> dict:
     """Synthetic post-training data under ``out``: ``media/`` (videos and images with every question), SFT
     ``think.jsonl`` / ``no_think.jsonl``, RL ``rl_prompts.jsonl`` (multiple choice, with hints), ``rl_heldout.jsonl``
-    (another seed), ``pairs.jsonl`` (preference pairs), and the Thyme tool-use task (`write_tool_task`: zoom into a
-    corner, measure a width) as ``thyme_prompts.jsonl`` / ``thyme_heldout.jsonl`` and its tool-use SFT conversations
-    (`write_tool_sft`, run in the sandbox; skipped with a warning without one) as ``thyme_sft/manifest.jsonl``.
+    (another seed), ``pairs.jsonl`` (preference pairs), and the Thyme tool-use task (`write_tool_task`: the colour of
+    a small shape in a corner, a width in pixels, a tiny number; ``tool_n`` prompts, three quarters as many held out) as
+    ``thyme_prompts.jsonl`` / ``thyme_heldout.jsonl`` and its tool-use SFT conversations
+    (`write_tool_sft`, ``tool_sft_n`` of them, run in the sandbox; skipped with a warning without one) as
+    ``thyme_sft/manifest.jsonl``.
     ``fps``/``max_objects``/
     ``text_prob``/``object_scale`` set the generator (keye-tiny was trained at 8 fps, 4 s, 2 objects, no text, objects
     0.3-0.42 of the frame); ``rl_qtypes`` keeps only those question types in the two RL manifests."""
@@ -91,12 +96,14 @@ def prepare_data(
     paths["rl_prompts"] = write_rl_prompts(mc, out / "rl_prompts.jsonl", qtypes=rl_qtypes)
     paths["rl_heldout"] = write_rl_prompts(held, out / "rl_heldout.jsonl", qtypes=rl_qtypes)
     paths["pairs"] = write_preference_pairs(mc, out / "pairs.jsonl", seed=seed)
-    thyme = write_tool_task(out / "thyme", n=n, seed=seed, size=size)
-    thyme_held = write_tool_task(out / "thyme_heldout", n=max(8, n // 4), seed=seed + 10_000, size=size)
+    thyme = write_tool_task(out / "thyme", n=tool_n, seed=seed, size=size)
+    thyme_held = write_tool_task(
+        out / "thyme_heldout", n=max(3, tool_n * 3 // 4), seed=seed + 10_000, size=size
+    )
     paths["thyme_prompts"] = write_rl_prompts(thyme, out / "thyme_prompts.jsonl")
     paths["thyme_heldout"] = write_rl_prompts(thyme_held, out / "thyme_heldout.jsonl")
     try:
-        paths["thyme_sft"] = write_tool_sft(out / "thyme_sft", n=n, seed=seed + 20_000, size=size)
+        paths["thyme_sft"] = write_tool_sft(out / "thyme_sft", n=tool_sft_n, seed=seed + 20_000, size=size)
     except SandboxUnavailableError as e:  # the traces hold real sandbox output; everything else is written
         logging.getLogger(__name__).warning("thyme_sft not written: %s", e)
     return paths
@@ -111,6 +118,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     model, processor = load_pretrained(args.model)
     overrides = {"max_frames": args.max_frames} if args.max_frames else {}
+    if args.tools:
+        return _eval_tools(args, model, processor, overrides)
+    args.max_new_tokens = args.max_new_tokens or 8
     result = evaluate_accuracy(
         model,
         processor,
@@ -122,6 +132,34 @@ def _eval(args: argparse.Namespace) -> int:
         overrides=overrides,
     )
     print(json.dumps({"model": args.model, "manifest": args.manifest, "think": args.think, **result}))
+    return 0
+
+
+def _eval_tools(args: argparse.Namespace, model, processor, overrides: dict) -> int:
+    """``--tools``: the tool loop (greedy, real sandbox) and the same questions without tools, side by side."""
+    import json
+    from pathlib import Path
+
+    from keye.posttrain.prompts import evaluate_accuracy
+    from keye.posttrain.rewards import make_verifier
+    from keye.posttrain.thyme import evaluate_tools
+    from keye.tools.sandbox import SandboxConfig
+
+    verifier = make_verifier(args.verifier)
+    with_tools = evaluate_tools(
+        model, processor, args.manifest, verifier, n=args.n, max_rounds=args.max_rounds,
+        max_new_tokens=args.max_new_tokens or 160, sandbox=SandboxConfig(), think=args.think, **overrides,
+    )  # fmt: skip
+    traces = with_tools.pop("traces")
+    without = evaluate_accuracy(
+        model, processor, args.manifest, verifier, n=args.n, max_new_tokens=16, think=args.think,
+        overrides=overrides,
+    )  # fmt: skip
+    if args.traces:
+        Path(args.traces).write_text("".join(json.dumps(t) + "\n" for t in traces))
+    print(
+        json.dumps({"model": args.model, "manifest": args.manifest, "tools": with_tools, "no_tools": without})
+    )
     return 0
 
 
@@ -137,6 +175,8 @@ def _data(args: argparse.Namespace) -> int:
         text_prob=args.text_prob,
         object_scale=args.object_scale,
         rl_qtypes=args.rl_qtypes,
+        tool_n=args.tool_n,
+        tool_sft_n=args.tool_sft_n,
     )
     for key, path in paths.items():
         print(f"{key}: {path}")
@@ -177,8 +217,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--verifier", default="choice", help="a registered verifier (choice, number, normalized, ...)"
     )
     e.add_argument("--n", type=int, default=100, help="first N lines")
-    e.add_argument("--max-new-tokens", type=int, default=8)
+    e.add_argument(
+        "--max-new-tokens", type=int, help="per answer (default 8), per model turn with --tools (default 160)"
+    )
     e.add_argument("--max-frames", type=int, default=8)
+    e.add_argument(
+        "--tools",
+        action="store_true",
+        help="answer through the Thyme tool loop (sandbox; --max-new-tokens per turn) and also without tools",
+    )
+    e.add_argument("--max-rounds", type=int, default=2, help="--tools: code rounds per conversation")
+    e.add_argument("--traces", metavar="FILE", help="--tools: write every conversation as JSON lines")
     think = e.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_const", const=True, help="append /think")
     think.add_argument("--no-think", dest="think", action="store_const", const=False, help="/no_think")
@@ -199,6 +248,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="QTYPE",
         help="RL manifests keep only these (colour, count, motion, ...)",
+    )
+    d.add_argument(
+        "--tool-n", type=int, default=128, help="Thyme task prompts (three quarters as many held out)"
+    )
+    d.add_argument(
+        "--tool-sft-n",
+        type=int,
+        default=600,
+        help="tool-use SFT conversations (thyme_sft/; each runs the sandbox)",
     )
     d.set_defaults(func=_data)
 

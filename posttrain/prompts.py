@@ -91,11 +91,12 @@ def evaluate_accuracy(
     max_new_tokens: int,
     think,
     overrides: dict,
-    respond: Callable[[list[dict]], str] | None = None,
+    respond: Callable[[list[list[dict]]], list[str]] | None = None,
 ) -> dict:
     """Greedy decoding on the first ``n`` lines of ``manifest``: ``{"accuracy", "n", "by_qtype": {qtype: accuracy}}``,
-    a response counting as correct when ``success`` scores it >= 1. ``respond(messages) -> text`` replaces the one
-    greedy ``generate`` call (the tool loop does: `keye.posttrain.thyme.tool_response`)."""
+    a response counting as correct when ``success`` scores it >= 1. ``respond(prompts) -> texts`` answers all the
+    prompts at once instead of one greedy ``generate`` call each (the tool loop does:
+    `keye.posttrain.thyme.tool_traces`)."""
     from collections import Counter
 
     from keye.training.config import DataConfig, SourceConfig
@@ -105,11 +106,12 @@ def evaluate_accuracy(
     was_training = model.training
     model.eval()
     hits, total = Counter(), Counter()
-    for row in range(min(n, len(source))):
-        _pid, messages, ref, _ = stream.entry(0, row)
+    rows = [stream.entry(0, row) for row in range(min(n, len(source)))]
+    texts = respond([messages for _pid, messages, _ref, _ in rows]) if respond is not None else None
+    for row, (_pid, messages, ref, _) in enumerate(rows):
         qtype = str((source[row][1].get("meta") or {}).get("qtype", "all"))
-        if respond is not None:
-            text = respond(messages)
+        if texts is not None:
+            text = texts[row]
         else:
             enc = processor(messages, think=think, **overrides)
             inputs = {k: v.to(model.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from keye.posttrain.ats import thyme_score
+from keye.posttrain.ats import final_text, thyme_score
 from keye.posttrain.rewards import Reference
 from keye.posttrain.rollout import GroupRollout, sample_group
-from keye.posttrain.thyme import ToolGroupRollout, sample_tool_group, tool_metrics, tool_response
+from keye.posttrain.thyme import ToolGroupRollout, sample_tool_group, tool_metrics, tool_traces
 
 if TYPE_CHECKING:
     from keye.posttrain.rl import GSPOConfig
@@ -49,8 +49,9 @@ class PlainSampler:
     def rewards(self, rollout: GroupRollout, reward, ref: Reference) -> list[float]:
         return [float(reward(t, ref)) for t in rollout.texts]
 
-    def respond(self, model, processor) -> Callable[[list[dict]], str] | None:
-        """How a held-out prompt is answered (None: one greedy ``generate``, `evaluate_accuracy`'s own)."""
+    def respond(self, model, processor) -> Callable[[list[list[dict]]], list[str]] | None:
+        """How the held-out prompts are answered, all at once (None: one greedy ``generate`` each,
+        `evaluate_accuracy`'s own)."""
         return None
 
     def step_metrics(self, groups: list[GroupRollout], out: Path, step: int, main: bool) -> dict:
@@ -87,14 +88,14 @@ class ToolSampler(PlainSampler):
         rollout.scores = [thyme_score(t, reward, ref) for t in rollout.traces]
         return [s.reward for s in rollout.scores]
 
-    def respond(self, model, processor) -> Callable[[list[dict]], str]:
+    def respond(self, model, processor) -> Callable[[list[list[dict]]], list[str]]:
         rl, tools = self.rl, self.rl.tools
 
-        def answer(messages: list[dict]) -> str:
-            return tool_response(
+        def answer(prompts: list[list[dict]]) -> list[str]:
+            traces = tool_traces(
                 model,
                 processor,
-                messages,
+                prompts,
                 max_rounds=tools.max_rounds,
                 max_new_tokens=rl.max_new_tokens,
                 sandbox=tools.sandbox(),
@@ -102,6 +103,7 @@ class ToolSampler(PlainSampler):
                 think=rl.think,
                 **self.overrides,
             )
+            return [final_text(t) for t in traces]
 
         return answer
 

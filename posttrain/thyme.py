@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import BatchFeature
 
-from keye.chat import ChatSession, ConversationPool, PooledSession, Reply
+from keye.chat import ConversationPool, PooledSession, Reply
 from keye.posttrain.ats import CodeTemperatureProcessor, ThymeScore
 from keye.posttrain.rollout import GroupRollout, policy_logprobs
 from keye.tools.loop import TOOL_SYSTEM_PROMPT, ToolTrace, run_tool_loop
@@ -49,9 +49,10 @@ __all__ = [
     "ToolSamplingSession",
     "build_tool_group",
     "sample_tool_group",
+    "evaluate_tools",
     "tool_metrics",
     "tool_prompt",
-    "tool_response",
+    "tool_traces",
 ]
 
 
@@ -336,34 +337,96 @@ def sample_tool_group(
 
 
 @torch.no_grad()
-def tool_response(
+def tool_traces(
     model,
     processor,
-    messages: Sequence[dict],
+    prompts: Sequence[Sequence[dict]],
     *,
     max_rounds: int,
     max_new_tokens: int,
     sandbox: SandboxConfig,
     system: str | None = TOOL_SYSTEM_PROMPT,
     think: bool | None = None,
+    max_batch: int = 16,
     **video_overrides,
-) -> str:
-    """Greedy decoding through the tool loop (held-out evaluation): the final model turn's text."""
+) -> list[ToolTrace]:
+    """Greedy tool conversations, one per prompt (held-out evaluation): their turns decode together, at most
+    ``max_batch`` at once, and their sandbox runs overlap (`keye.chat.ConversationPool`)."""
     import tempfile
 
-    question, images = tool_prompt(messages)
-    session = ChatSession(model, processor, think=think, system=system, **video_overrides)
-    with tempfile.TemporaryDirectory(prefix="keye-thyme-eval-") as tmp:
-        trace = run_tool_loop(
-            session,
-            question,
-            images,
-            max_rounds=max_rounds,
-            sandbox=sandbox,
-            out_dir=tmp,
-            max_new_tokens=max_new_tokens,
-        )
-    return trace.rounds[-1].text if trace.rounds else ""
+    from tqdm.auto import tqdm
+
+    pool = ConversationPool(model, processor, max_batch=max_batch)
+    bar = tqdm(total=len(prompts), desc="tool conversations", unit="conv", disable=len(prompts) < 2)
+
+    def converse(session, question: str, images: list[str], out_dir: Path) -> ToolTrace:
+        trace = run_tool_loop(session, question, images, max_rounds=max_rounds, sandbox=sandbox, out_dir=out_dir,
+                              max_new_tokens=max_new_tokens)  # fmt: skip
+        bar.update()
+        return trace
+
+    with tempfile.TemporaryDirectory(prefix="keye-thyme-eval-") as tmp, bar:
+        jobs = []
+        for i, messages in enumerate(prompts):
+            question, images = tool_prompt(messages)
+            session = pool.session(think=think, system=system, **video_overrides)
+            jobs.append(functools.partial(converse, session, question, images, Path(tmp) / str(i)))
+        return pool.run(jobs)
+
+
+def evaluate_tools(
+    model,
+    processor,
+    manifest: str | Path,
+    success,
+    *,
+    n: int,
+    max_rounds: int,
+    max_new_tokens: int,
+    sandbox: SandboxConfig,
+    system: str | None = TOOL_SYSTEM_PROMPT,
+    think: bool | None = None,
+    max_batch: int = 16,
+    **video_overrides,
+) -> dict:
+    """Held-out accuracy with tools (`keye.posttrain.prompts.evaluate_accuracy` over `tool_traces`), plus the share
+    of well-formed conversations (Thyme's R_format: every model turn well formed, ending with an answer), overall and
+    per question type, and the median number of code rounds. ``traces`` holds every conversation."""
+    import json
+    import statistics
+    from collections import defaultdict
+
+    from keye.posttrain.ats import final_text, trace_format
+    from keye.posttrain.prompts import evaluate_accuracy
+
+    traces: list[ToolTrace] = []
+
+    def respond(prompts):
+        traces.extend(
+            tool_traces(model, processor, prompts, max_rounds=max_rounds, max_new_tokens=max_new_tokens,
+                        sandbox=sandbox, system=system, think=think, max_batch=max_batch, **video_overrides)
+        )  # fmt: skip
+        return [final_text(t) for t in traces]
+
+    result = evaluate_accuracy(
+        model, processor, manifest, success, n=n, max_new_tokens=max_new_tokens, think=think,
+        overrides=video_overrides, respond=respond,
+    )  # fmt: skip
+    with open(manifest) as fh:
+        qtypes = [
+            str((json.loads(line).get("meta") or {}).get("qtype", "all")) for line in fh if line.strip()
+        ]
+    formed = defaultdict(list)
+    for trace, qtype in zip(traces, qtypes):
+        formed[qtype].append(trace_format(trace))
+    rounds = [sum(r.result is not None for r in t.rounds) for t in traces]
+    return {
+        **result,
+        "well_formed": sum(map(sum, formed.values())) / max(len(traces), 1),
+        "well_formed_by_qtype": {q: sum(v) / len(v) for q, v in sorted(formed.items())},
+        "median_code_rounds": statistics.median(rounds) if rounds else 0,
+        "traces": [t.to_dict() for t in traces],
+    }
 
 
 def tool_metrics(rollouts: Sequence[ToolGroupRollout]) -> dict[str, float]:

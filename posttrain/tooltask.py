@@ -1,9 +1,10 @@
 """A synthetic image task on which code helps, and tool-use SFT conversations that solve it.
 
-`write_tool_task` writes the task: half the images hold a two-digit number printed too small to read in one corner
-(``qtype: zoom``: crop and enlarge), half ask the width in pixels of a coloured rectangle (``qtype: measure``: count
-columns with numpy); numeric answers, and per-question hints (concept, strategy, the tool call, the solution) for
-``keye rl``'s hint escalation.
+`write_tool_task` writes the task, its question types in turn: ``spot`` (the colour of a small shape in one corner of
+a large image, a third of a vision token at keye-tiny's input resolution: crop and enlarge), ``measure`` (the width in
+pixels of a coloured rectangle: count columns with numpy) and ``zoom`` (a two-digit number printed too small to read
+in one corner: crop, enlarge and read it); answers are one word or a number (the ``normalized`` verifier scores both),
+with per-question hints (concept, strategy, the tool call, the solution) for ``keye rl``'s hint escalation.
 
 `write_tool_sft` turns the same kind of samples into tool-use SFT conversations: for each, the Thyme loop
 (`keye.tools.loop.run_tool_loop`, the real sandbox) runs a scripted model that thinks, writes the code of the hint,
@@ -23,7 +24,7 @@ from keye.chat import Reply
 from keye.tools.loop import TOOL_SYSTEM_PROMPT, run_tool_loop
 from keye.tools.sandbox import SandboxConfig
 
-__all__ = ["write_tool_sft", "write_tool_task"]
+__all__ = ["TOOL_QTYPES", "tool_example", "write_tool_sft", "write_tool_task"]
 
 
 _COLOURS = {
@@ -35,6 +36,26 @@ _COLOURS = {
     "orange": (240, 140, 30),
 }
 _CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+def _corner_box(corner: str, size: int, part: int) -> tuple[int, int, int, int]:
+    """The ``corner`` square of side ``size // part`` of a ``size`` x ``size`` image."""
+    q = size // part
+    x0, y0 = (0 if "left" in corner else size - q), (0 if "top" in corner else size - q)
+    return x0, y0, x0 + q, y0 + q
+
+
+def _crop_code(corner: str, part: int, enlarge: str) -> str:
+    """Code that crops the ``corner`` square of side ``w // part`` and enlarges it to ``enlarge`` (an expression of
+    its side ``q``): the corner's name is the only thing taken from the question, so one program serves every corner
+    and image size."""
+    return (
+        f"corner = '{corner}'\n"
+        f"im = Image.open(image_path); w, h = im.size; q = w // {part}\n"
+        "x = 0 if 'left' in corner else w - q\n"
+        "y = 0 if 'top' in corner else h - q\n"
+        f"im.crop((x, y, x + q, y + q)).resize({enlarge}).save('corner.png')"
+    )
 
 
 def _zoom_sample(rng: np.random.Generator, size: int):
@@ -57,19 +78,71 @@ def _zoom_sample(rng: np.random.Generator, size: int):
     y = 1 if "top" in corner else size - h - 1
     draw.rectangle((x, y, x + w, y + h), fill=(255, 255, 255))
     draw.text((x + 1 - left, y + 1 - top), str(number), fill=(0, 0, 0), font=font)
-    q = size // 3
-    box = (0 if "left" in corner else size - q, 0 if "top" in corner else size - q)
-    box = (*box, box[0] + q, box[1] + q)
     question = (
         f"A small number is printed in the {corner} corner of the image. What is it? Answer with the number."
     )
     hints = {
         "concept": "The number is too small to read at this size; an enlarged crop of that corner makes it legible.",
         "strategy": f"Crop the {corner} corner of the image, enlarge it, and read the number from the enlarged image.",
-        "tool": f"Image.open(image_path).crop({box}).resize(({4 * q}, {4 * q})).save('corner.png')",
+        "tool": _crop_code(corner, 3, "(4 * q, 4 * q)"),
         "solution": f"The answer is {number}.",
     }
     return image, question, str(number), hints
+
+
+def _spot_sample(rng: np.random.Generator, size: int):
+    return _spot(rng, size)[:4]
+
+
+def _spot(rng: np.random.Generator, size: int):
+    """A large image (4 x ``size``) of big shapes and, in one corner, a small shape of another colour: about a third
+    of a vision token at keye-tiny's input resolution (images are capped at 224 pixels), as large as keye-tiny's
+    training objects once that corner is cropped and enlarged to ``size``."""
+    from PIL import Image
+
+    from keye.synthetic.render import _sprite
+    from keye.synthetic.world import BACKGROUNDS, SHAPES, colours_for_background
+
+    big = 4 * size
+    q = big // 8  # the corner region's side
+    background = str(rng.choice(list(BACKGROUNDS)))
+    image = Image.new("RGB", (big, big), BACKGROUNDS[background][0])
+    colours = [str(c) for c in rng.permutation(colours_for_background(background))]
+    target, others = colours[0], colours[1:4]
+    for colour in others:  # the distractors stay out of the corner regions
+        side = int(rng.integers(big // 5, big // 3))
+        x, y = (int(v) for v in rng.integers(q, big - q - side, 2))
+        sprite = _sprite(str(rng.choice(SHAPES)), colour, side)
+        image.paste(sprite, (x, y), sprite)
+    shape = str(rng.choice(SHAPES))
+    side = int(q * rng.uniform(0.35, 0.45))
+    corner = _CORNERS[rng.integers(4)]
+    box = _corner_box(corner, big, 8)
+    x, y = (int(box[i] + rng.integers(2, q - side - 4)) for i in (0, 1))
+    sprite = _sprite(shape, target, side)
+    image.paste(sprite, (x, y), sprite)
+    question = f"What colour is the small shape in the {corner} corner of the image? Answer with one word."
+    hints = {
+        "concept": "The shape is too small to see at this size; an enlarged crop of that corner shows it clearly.",
+        "strategy": f"Crop the {corner} corner of the image, enlarge it, and look at the shape in the enlarged image.",
+        "tool": _crop_code(corner, 8, f"({size}, {size})"),
+        "solution": f"The answer is {target}.",
+    }
+    return image, question, target, hints, others
+
+
+def tool_example(path: str | Path, *, seed: int, size: int = 112):
+    """One ``spot`` image written to ``path`` (PNG) and its question as a `keye.synthetic.QA` whose four options are
+    the answer and the colours of the large shapes (the demo's tool-task example)."""
+    from keye.synthetic.world import QA
+
+    image, question, answer, _hints, others = _spot(np.random.default_rng([seed, 7]), size)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    values = [answer, *others[:3]]
+    np.random.default_rng(seed).shuffle(values)
+    options = [f"{letter}. {v}" for letter, v in zip("ABCD", values)]
+    return QA("spot", question, answer, options, "ABCD"[values.index(answer)])
 
 
 def _measure_sample(rng: np.random.Generator, size: int):
@@ -85,7 +158,7 @@ def _measure_sample(rng: np.random.Generator, size: int):
         x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
         draw.rectangle((x0, y0, x0 + w - 1, y0 + h - 1), fill=_COLOURS[name])
     target, rgb, w = names[-1], _COLOURS[names[-1]], widths[-1]
-    question = f"How many pixels wide is the {target} rectangle? Answer with a number."
+    question = f"How many pixels wide is the {target} rectangle (RGB {', '.join(map(str, rgb))})? Answer with a number."
     hints = {
         "concept": "The width in pixels is the number of image columns the rectangle covers.",
         "strategy": f"Find the pixels whose colour is exactly {rgb} and count the columns they occupy.",
@@ -95,12 +168,19 @@ def _measure_sample(rng: np.random.Generator, size: int):
     return image, question, str(w), hints
 
 
-def _samples(n: int, seed: int, size: int):
-    """``(qtype, image, question, answer, hints)`` of the task's ``n`` samples: zoom and measure in turn."""
+_SAMPLERS = {"spot": _spot_sample, "measure": _measure_sample, "zoom": _zoom_sample}
+TOOL_QTYPES: tuple[str, ...] = tuple(_SAMPLERS)
+
+
+def _samples(n: int, seed: int, size: int, qtypes: tuple[str, ...] = TOOL_QTYPES):
+    """``(qtype, image, question, answer, hints)`` of the task's ``n`` samples, the ``qtypes`` in turn."""
+    unknown = set(qtypes) - set(_SAMPLERS)
+    if unknown or not qtypes:
+        raise ValueError(f"tool task: unknown question types {sorted(unknown)}; choose from {TOOL_QTYPES}")
     rng = np.random.default_rng(seed)
     for i in range(n):
-        qtype = ("zoom", "measure")[i % 2]
-        yield (qtype, *(_zoom_sample if qtype == "zoom" else _measure_sample)(rng, size))
+        qtype = qtypes[i % len(qtypes)]
+        yield (qtype, *_SAMPLERS[qtype](rng, size))
 
 
 def _line(
@@ -111,16 +191,18 @@ def _line(
     return {"id": id_, "messages": messages, "meta": meta}
 
 
-def write_tool_task(folder: str | Path, *, n: int = 16, seed: int = 0, size: int = 112) -> Path:
+def write_tool_task(
+    folder: str | Path, *, n: int = 16, seed: int = 0, size: int = 112, qtypes: tuple[str, ...] = TOOL_QTYPES
+) -> Path:
     """The task: ``n`` images under ``folder/media`` and ``folder/manifest.jsonl`` (see the module docstring).
 
-    Lines are chat-manifest lines with ``meta.answer`` (a number: use the ``number`` verifier) and task-specific
-    ``meta.hints``; `keye.posttrain.rl.write_rl_prompts` turns the manifest into RL prompts.
+    Lines are chat-manifest lines with ``meta.answer`` (a word or a number: use the ``normalized`` verifier) and
+    task-specific ``meta.hints``; `keye.posttrain.rl.write_rl_prompts` turns the manifest into RL prompts.
     """
     folder = Path(folder)
     (folder / "media").mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, (qtype, image, question, answer, hints) in enumerate(_samples(n, seed, size)):
+    for i, (qtype, image, question, answer, hints) in enumerate(_samples(n, seed, size, qtypes)):
         media = f"media/thyme-{seed}-{i:05d}.png"
         image.save(folder / media)  # PNG: lossless, so the colours the hints name are exact
         messages = [
@@ -157,11 +239,12 @@ def _code_turn(think: str, code: str) -> str:
 
 def _script(qtype: str, answer: str, hints: dict, recover: bool) -> list[str]:
     """The model's turns for one sample: (a failing snippet,) the hint's code, the answer read from its output."""
-    if qtype == "zoom":
+    if qtype in ("zoom", "spot"):
         imports = "from PIL import Image\n"
         broken = hints["tool"].replace(".resize((", ".resize((0 * ")  # a zero-sized enlargement: ValueError
-        fix = "The enlargement needs a positive size: four times the crop."
-        reading = f"The enlarged corner shows the number {answer}."
+        fix = "The enlargement needs a positive size, larger than the crop."
+        seen = f"the number {answer}" if qtype == "zoom" else f"a {answer} shape"
+        reading = f"The enlarged corner shows {seen}."
     else:
         imports = "import numpy as np\nfrom PIL import Image\n"
         broken = hints["tool"].replace(".any(0)", ".any(2)")  # an axis the mask does not have: AxisError
@@ -182,6 +265,7 @@ def write_tool_sft(
     size: int = 112,
     recover_share: float = 0.25,
     sandbox: SandboxConfig | None = None,
+    qtypes: tuple[str, ...] = TOOL_QTYPES,
 ) -> Path:
     """Tool-use SFT conversations for ``n`` task samples: ``folder/manifest.jsonl``, images under ``folder/media``
     (the sandbox's output images beside them; paths relative to ``folder``, as SFT manifests hold them).
@@ -192,7 +276,7 @@ def write_tool_sft(
     (folder / "media").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 1])
     lines = []
-    for i, (qtype, image, question, answer, hints) in enumerate(_samples(n, seed, size)):
+    for i, (qtype, image, question, answer, hints) in enumerate(_samples(n, seed, size, qtypes)):
         id_ = f"thyme-sft-{seed}-{i:05d}"
         media = f"media/{id_}.png"
         image.save(folder / media)

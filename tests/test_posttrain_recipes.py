@@ -245,7 +245,15 @@ def test_posttrain_data_regime_and_rl_qtypes(tmp_path):
     from keye.synthetic import load_samples
 
     paths = prepare_data(
-        str(tmp_path), n=6, size=56, duration=2.0, fps=4, max_objects=1, text_prob=0.0, rl_qtypes=["count"]
+        str(tmp_path),
+        n=6,
+        size=56,
+        duration=2.0,
+        fps=4,
+        max_objects=1,
+        text_prob=0.0,
+        rl_qtypes=["count"],
+        tool_sft_n=4,
     )
     for name in ("rl_prompts", "rl_heldout"):
         lines = [json.loads(x) for x in Path(paths[name]).read_text().splitlines()]

@@ -430,3 +430,38 @@ def test_keye_rl_thyme_tiny_two_steps(tmp_path):
         "after",
     ]
     assert (out / "final").exists()
+
+
+def test_evaluate_tools_scores_answers_format_and_rounds_per_type(tmp_path, monkeypatch):
+    """`keye posttrain-eval --tools`'s numbers from known conversations: accuracy and well-formed share per question
+    type (a right answer in a malformed conversation counts as right, not as well formed), median code rounds."""
+    import keye.posttrain.thyme as thyme
+    from keye.posttrain.rl import write_rl_prompts
+    from keye.posttrain.tooltask import write_tool_task
+
+    manifest = write_rl_prompts(write_tool_task(tmp_path / "task", n=3, seed=2), tmp_path / "held.jsonl")
+    answers = [
+        json.loads(x)["meta"]["answer"]
+        for x in (tmp_path / "task" / "manifest.jsonl").read_text().splitlines()
+    ]
+    traces = [  # spot: one code round, right; measure: two rounds, right, no <think> in the answer; zoom: wrong
+        _trace((CROP, _run("")), (f"<think>seen</think><answer>{answers[0]}</answer>", None)),
+        _trace(
+            (CROP, _run("1", ok=False)), (CROP, _run(answers[1])), (f"<answer>{answers[1]}</answer>", None)
+        ),
+        _trace((f"<think>no</think><answer>{int(answers[2]) + 1}</answer>", None)),
+    ]
+    seen = []
+
+    def fake_traces(model, processor, prompts, **kwargs):
+        seen.append(kwargs)
+        return traces[: len(prompts)]
+
+    monkeypatch.setattr(thyme, "tool_traces", fake_traces)
+    model = torch.nn.Linear(1, 1)  # not run: the conversations are the fake's
+    result = thyme.evaluate_tools(model, None, manifest, make_verifier("normalized"), n=3, max_rounds=2,
+                                  max_new_tokens=8, sandbox=SandboxConfig())  # fmt: skip
+    assert result["by_qtype"] == {"measure": 1.0, "spot": 1.0, "zoom": 0.0} and result["n"] == 3
+    assert result["well_formed_by_qtype"] == {"measure": 0.0, "spot": 1.0, "zoom": 1.0}
+    assert result["well_formed"] == pytest.approx(2 / 3) and result["median_code_rounds"] == 1
+    assert len(result["traces"]) == 3 and seen[0]["max_rounds"] == 2

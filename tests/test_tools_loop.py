@@ -108,10 +108,10 @@ def test_generated_tool_sft_conversations_run_in_the_sandbox_and_train_model_tur
     from keye.tools.loop import TOOL_SYSTEM_PROMPT
 
     _, processor = keye_tiny
-    manifest = write_tool_sft(tmp_path / "sft", n=4, seed=1, recover_share=0.5)
+    manifest = write_tool_sft(tmp_path / "sft", n=6, seed=1, recover_share=0.5)
     lines = [json.loads(x) for x in manifest.read_text().splitlines()]
-    assert [x["meta"]["qtype"] for x in lines] == ["zoom", "measure", "zoom", "measure"]
-    assert [x["recover"] for x in lines] == [True, False, False, True]  # both kinds, for both qtypes
+    assert [x["meta"]["qtype"] for x in lines] == ["spot", "measure", "zoom"] * 2
+    assert [x["recover"] for x in lines] == [True, False, False, True, False, True]
     for line in lines:
         messages = resolve_media(line["messages"], manifest.parent)
         assert messages[0] == {"role": "system", "content": TOOL_SYSTEM_PROMPT}
@@ -126,7 +126,7 @@ def test_generated_tool_sft_conversations_run_in_the_sandbox_and_train_model_tur
         assert "<code>" in trained and f"<answer>{line['meta']['answer']}</answer>" in trained
         assert "sandbox_output" not in trained and "Error:" not in trained
         images = int((inputs["input_ids"] == processor.token_ids["image_pad"]).sum())
-        if line["meta"]["qtype"] == "zoom":  # the enlarged corner comes back as an image input
+        if line["meta"]["qtype"] in ("zoom", "spot"):  # the enlarged corner comes back as an image input
             crops = [p for m in messages[3::2] for p in m["content"] if p["type"] == "image"]
             assert len(crops) == 1 and Path(crops[0]["image"]).is_file()
             assert images > int(
