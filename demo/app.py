@@ -51,7 +51,7 @@ from keye.errors import KeyeInputError
 from keye.processing import KeyeProcessor, VideoInput
 
 if TYPE_CHECKING:
-    from keye.synthetic import Sample
+    from keye.synthetic import QA, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,20 @@ TEXT_ONLY_NOTE = (
 UNTRAINED_CLAPPER = (
     "⚠ This model has no trained Clapper: an untrained one pools the frames' tokens, and answers may suffer."
 )
+
+
+TOOL_EXAMPLE_CAPTION = (
+    "a large image of big shapes with a small shape in one corner, too small to see at the model's input size "
+    "(the tool task: crop and enlarge that corner; turn Tools on)"
+)
+
+
+@dataclass
+class ToolTaskExample:
+    """A generated tool-task image (`keye.posttrain.tooltask.tool_example`) as the truth panel shows it."""
+
+    caption: str
+    questions: list[QA]
 
 
 @dataclass(eq=False)  # compared by identity: the same upload, not an equal one
@@ -92,7 +106,7 @@ class DemoState:
     in_session: list[Media] = field(default_factory=list)  # media the chat session's cache holds
     pending: Media | None = None
     sent: list[Media] = field(default_factory=list)  # media in the conversation (chat or tool turns)
-    example: Sample | None = None  # the generated example up, with its questions and answers
+    example: Sample | ToolTaskExample | None = None  # the generated example up, its questions and answers
     graded: dict[str, tuple[str, bool]] = field(default_factory=dict)  # example question -> (answer, right)
     stop: threading.Event = field(default_factory=threading.Event)
     busy: threading.Lock = field(default_factory=threading.Lock)
@@ -307,6 +321,21 @@ class DemoApp:
         question = sample.questions[0].question if sample.questions else EXAMPLE_PROMPT
         return (str(path), *out[1:], question)
 
+    def on_tool_example(self, st: DemoState | None, fps, max_frames, token_budget, compress):
+        """Generate an image of the tool task, put it up with its question, and turn Tools on if the model uses them."""
+        from keye.posttrain.tooltask import tool_example
+
+        st = st or DemoState()
+        with self._example_lock:
+            seed = self._example_count
+            self._example_count += 1
+        path = self.work_dir / "examples" / f"tool-example-{seed}.png"
+        qa = tool_example(path, seed=seed)
+        example = ToolTaskExample(TOOL_EXAMPLE_CAPTION, [qa])
+        out = self.on_media(str(path), st, fps, max_frames, token_budget, compress, example=example)
+        tools = gr.update(value=True) if self.toggles()["tools"][0] else gr.skip()
+        return (str(path), *out[1:], qa.question, tools)
+
     # ---------------------------------------------------------------- chat
     def respond(
         self, message: str, st: DemoState | None, think: str, tools: bool, compress: str, max_new_tokens
@@ -372,7 +401,7 @@ class DemoApp:
         verdict = "✓ **Right**" if ok else "✗ **Wrong**"
         st.history = [
             *st.history,
-            {"role": "assistant", "content": f"{verdict}: the clip's answer is **{qa.answer}**."},
+            {"role": "assistant", "content": f"{verdict}: the expected answer is **{qa.answer}**."},
         ]
         return True
 

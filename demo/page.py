@@ -86,7 +86,9 @@ def build_app(
             with gr.Column(scale=2):
                 # Every file reaches `on_media`, which explains in the chat what it cannot use (no browser pop-up).
                 media = gr.File(label="Video or image", elem_id="media", type="filepath", height=120)
-                example = gr.Button("Generate an example video", elem_id="example", size="sm")
+                with gr.Row():
+                    example = gr.Button("Generate an example video", elem_id="example", size="sm")
+                    tool_example = gr.Button("Generate a tool-task image", elem_id="tool-example", size="sm")
                 player = gr.Video(
                     label="The video", elem_id="player", interactive=False, visible=False, height=240
                 )
@@ -152,6 +154,12 @@ def build_app(
                 trigger_mode="always_last",
             )
         example.click(demo.on_example, [state, *plan_inputs], [*media_outputs, prompt], api_name="example")
+        tool_example.click(
+            demo.on_tool_example,
+            [state, *plan_inputs],
+            [*media_outputs, prompt, tools],
+            api_name="tool_example",
+        )
         presets.select(lambda q: q, [presets], [prompt], api_name=False)
         chat_args = dict(
             fn=demo.respond,

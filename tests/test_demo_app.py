@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,7 +346,7 @@ def test_example_keeps_its_questions_answers_and_marks(demo):
     ok = sample.questions[0].is_correct(answer)
     assert (
         verdict
-        == f"{'✓ **Right**' if ok else '✗ **Wrong**'}: the clip's answer is **{sample.questions[0].answer}**."
+        == f"{'✓ **Right**' if ok else '✗ **Wrong**'}: the expected answer is **{sample.questions[0].answer}**."
     )
     assert f"| {question} | **{sample.questions[0].answer}** | {answer} {'✓' if ok else '✗'} |" in truth
     assert sample.caption in truth  # the truth is still on the page after Send
@@ -374,3 +375,36 @@ def test_an_image_used_by_tools_is_sent_again_when_tools_are_off(demo, tmp_path,
     assert reply.vision_tokens > 0 and f"({reply.vision_tokens} vision)" in stats
     (history, _, st, _), _ = drain(demo.respond("And its shape?", st, "auto", False, "none", 4))
     assert history[-2]["content"] == "And its shape?"  # now the chat's cache holds it: not sent a third time
+
+
+def test_tool_task_example_puts_up_its_image_question_and_answer(demo, monkeypatch):
+    """The tool-task button: a generated image of the tool task, its question in the prompt box, the expected answer
+    in the truth panel, Tools switched on only for a model whose card claims them; the tool loop's answer is graded."""
+    import keye.demo.app as app_module
+    from keye.chat import Reply
+
+    box, st, history, strip, tokens, player, truth, presets, question, tools = demo.on_tool_example(
+        None, *PLAN
+    )
+    (qa,) = st.example.questions
+    assert Path(box).suffix == ".png" and Image.open(box).size == (448, 448) and not player["visible"]
+    assert question == qa.question and "corner" in question and tools == gr.skip()  # keye-tiny: no tools
+    assert f"| {qa.question} | **{qa.answer}** |  |" in truth and presets["choices"] == [qa.question]
+    ok, why = tools_status()
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setattr(demo, "card", ModelCard())  # a model whose card claims tools
+    *_, tools = demo.on_tool_example(None, *PLAN)
+    assert tools == gr.update(value=True)
+    turns = iter([f"<think>I see it.</think><answer>{qa.answer}</answer>"])
+
+    class Scripted:  # the model's session; the loop and the grading are real
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def send(self, content, **kwargs):
+            return Reply(text=next(turns), num_tokens=5, prompt_tokens=1)
+
+    monkeypatch.setattr(app_module, "ChatSession", Scripted)
+    (history, *_), _ = drain(demo.respond(question, st, "auto", True, "none", 64))
+    assert history[-1]["content"] == f"✓ **Right**: the expected answer is **{qa.answer}**."

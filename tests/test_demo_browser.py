@@ -320,7 +320,9 @@ def test_browser_example_keeps_the_truth_beside_the_answer(demo_url, tmp_path, c
 
         _ask(page, question)
         mark = _bots(page)[-1]
-        assert re.fullmatch(rf"[✓✗] (Right|Wrong): the clip's answer is {re.escape(expected)}\.", mark), mark
+        assert re.fullmatch(rf"[✓✗] (Right|Wrong): the expected answer is {re.escape(expected)}\.", mark), (
+            mark
+        )
         answer = _bots(page)[-2]
         cell = rows.first.locator("td").nth(2).inner_text().strip()
         assert cell == f"{answer} {mark[0]}"  # the panel records the answer and the mark
@@ -409,6 +411,35 @@ def test_browser_tools_then_no_tools_sends_the_image_again(tools_model, tmp_path
     finally:
         status = _stop(proc)
     assert status == 0 and list(tmp.iterdir()) == []
+
+
+def test_browser_tool_task_example_runs_the_tool_loop(tools_model, tmp_path, capsys, bwrap):
+    """The tool-task button: the generated image with its question and expected answer, Tools switched on, and after
+    Send the tool loop's rounds in the chat and the answer marked. ``KEYE_DEMO_TOOL_MODEL`` names a model trained to
+    use the tools (`configs/posttrain/thyme-sft-tiny.yaml`'s export: the README's screenshot); by default keye-tiny
+    with a card that claims tools, which answers without code."""
+    model = os.environ.get("KEYE_DEMO_TOOL_MODEL") or str(tools_model)
+    proc, url = _start(["--model", model], tmp_path / "server.log")
+    try:
+        with _page(url, tmp_path / "chromium") as page:
+            page.locator("#tool-example").click()
+            truth = page.locator("#truth")
+            truth.get_by_text("Generated example").wait_for(timeout=60_000)
+            question = truth.locator("tbody tr").first.locator("td").first.inner_text().strip()
+            expected = truth.locator("tbody tr").first.locator("td").nth(1).inner_text().strip()
+            assert "corner" in question and page.locator("#prompt textarea").input_value() == question
+            assert page.locator("#tools input[type=checkbox]").is_checked()
+            page.locator("#send").click()
+            page.locator("#stats", has_text="model turns").wait_for(timeout=180_000)
+            page.locator('#chat [data-testid="bot"]', has_text="expected answer is").wait_for(timeout=30_000)
+            mark = _bots(page)[-1]
+            assert re.fullmatch(rf"[✓✗] (Right|Wrong): the expected answer is {re.escape(expected)}\.", mark)
+            if os.environ.get("KEYE_DEMO_TOOL_MODEL"):  # a tool-trained model crops the corner
+                page.locator("#chat", has_text="Round 1: code").wait_for(timeout=10_000)
+            with capsys.disabled():
+                _screenshot(page, "6-tool-example.png")
+    finally:
+        _stop(proc)
 
 
 def test_failed_starts_are_one_line_and_leave_nothing(tmp_path):
