@@ -40,7 +40,7 @@ test-fast: setup
 bench: setup
 	$(PY) -m bench
 
-# Reproduce keye-tiny's trained weights (keye/assets/keye-tiny.safetensors) with the pretraining stages 0-3.
+# Reproduce keye-tiny's trained weights (keye/assets/keye-tiny.safetensors) with the pretraining stages 0-5.
 keye-tiny: setup
 	$(PY) -m keye.pretrain.tiny
 

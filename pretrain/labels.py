@@ -72,6 +72,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_COUNT = 4
+_EXAMPLES_VERSION = 2  # 2: on-screen text targets
 
 
 @dataclass
@@ -120,8 +121,16 @@ def _vocab():
     return colours, shapes, pairs, list(BACKGROUNDS)
 
 
+def _texts() -> list[str]:
+    """What on-screen text can say: the generator's words and digits."""
+    from keye.synthetic import DIGITS, WORDS
+
+    return [*WORDS, *DIGITS]
+
+
 class LabelHeads(nn.Module):
-    """Linear read-outs of merged vision tokens: multi-label colour/shape/pair, background, and a frame's count."""
+    """Linear read-outs of merged vision tokens: multi-label colour/shape/pair, background, the on-screen text under
+    the token, and a frame's count."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -130,13 +139,14 @@ class LabelHeads(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.multi = nn.Linear(dim, sum(self.sizes))
         self.background = nn.Linear(dim, len(backgrounds))
+        self.text = nn.Linear(dim, len(_texts()))
         self.count = nn.Linear(dim, MAX_COUNT + 1)
 
     def forward(self, tokens: torch.Tensor, frame_of: torch.Tensor, n_frames: int):
         x = self.norm(tokens)
         pooled = torch.zeros(n_frames, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, frame_of, x)
         pooled = pooled / torch.bincount(frame_of, minlength=n_frames).clamp(min=1)[:, None].to(x.dtype)
-        return self.multi(x), self.background(x), self.count(pooled)
+        return self.multi(x), self.background(x), self.text(x), self.count(pooled)
 
 
 def token_xy(grid_thw: torch.Tensor) -> torch.Tensor:
@@ -151,7 +161,8 @@ def token_xy(grid_thw: torch.Tensor) -> torch.Tensor:
 
 def token_targets(spec, frame: int, grid_hw: tuple[int, int], min_share: float) -> dict[str, torch.Tensor]:
     """Targets of one frame's merged tokens (row-major ``grid_hw``): ``multi`` (T, colours+shapes+pairs) 0/1,
-    ``background`` (T,) and ``count`` () class ids, ``xy`` (T, 2) where the token's content lies in the frame (in
+    ``background`` (T,) and ``count`` () class ids, ``text`` (T,) the index in `_texts` of the on-screen text when
+    the token holds at least ``min_share`` of its box (else -1), ``xy`` (T, 2) where the token's content lies in the frame (in
     (-1, 1)): the centre of the objects under it (weighted by their shares), else the token's own centre. An object's
     centre moves with it even inside one token, so motion shows in every frame, fast frames' 2x2 tokens included."""
     from keye.synthetic import object_masks
@@ -177,9 +188,17 @@ def token_targets(spec, frame: int, grid_hw: tuple[int, int], min_share: float) 
     share = present.float() * cover.flatten(1).T  # (T, n_objects)
     under = share.sum(1, keepdim=True)
     own = token_xy(torch.tensor([[1, 2 * grid_hw[0], 2 * grid_hw[1]]]))
+    text = torch.full((n_tok,), -1)
+    if scene.text is not None and scene.text_box is not None:
+        box = torch.zeros(1, h, w)
+        x0, y0, x1, y1 = scene.text_box
+        box[0, max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)] = 1
+        text_cover = F.adaptive_avg_pool2d(box, grid_hw).flatten()
+        text[text_cover / text_cover.sum().clamp(min=1e-6) >= min_share] = _texts().index(scene.text)
     return {
         "multi": multi,
         "background": torch.full((n_tok,), backgrounds.index(scene.background)),
+        "text": text,
         "count": torch.tensor(min(len(scene.objects), MAX_COUNT)),
         "xy": torch.where(under > 0, share @ centres / under.clamp(min=1e-6), own),
     }
@@ -237,6 +256,7 @@ def prepare_examples(data: Path, processor, min_share: float) -> list[dict]:
                     "grid_thw": grid,
                     "multi": torch.cat([t["multi"] for t in targets]),
                     "background": torch.cat([t["background"] for t in targets]),
+                    "text": torch.cat([t["text"] for t in targets]),
                     "count": torch.stack([t["count"] for t in targets]),
                     "xy": torch.cat([t["xy"] for t in targets]),
                     "reference": torch.tensor(reference),
@@ -256,6 +276,7 @@ def _collate(examples: list[dict]) -> dict:
         "frame_of": frame_of,
         "multi": torch.cat([e["multi"] for e in examples]),
         "background": torch.cat([e["background"] for e in examples]),
+        "text": torch.cat([e["text"] for e in examples]),
         "count": torch.cat([e["count"] for e in examples]),
         "xy": torch.cat([e["xy"] for e in examples]),
     }
@@ -296,6 +317,7 @@ class WordTargets:
         self.position, self.motion = position, motion
         self.objects = torch.cat([words(colours), words(shapes)])  # (n_colours + n_shapes, D)
         self.backgrounds = words(backgrounds)  # (n_backgrounds, D)
+        self.texts = words(_texts())  # (n_texts, D)
         self.directions = words(DIRECTIONS)  # (4, D)
         left, right, up, down = (
             self.directions[DIRECTIONS.index(d)] for d in ("left", "right", "up", "down")
@@ -307,8 +329,13 @@ class WordTargets:
     def __call__(self, batch: dict) -> torch.Tensor:
         """Target embedding of every merged token ``(T, D)``."""
         hot = batch["multi"][:, : self.objects.shape[0]]  # colour and shape columns
-        n = hot.sum(1, keepdim=True)
-        words = torch.where(n > 0, hot @ self.objects, self.backgrounds[batch["background"]])  # their sum
+        words, n = hot @ self.objects, hot.sum(1, keepdim=True)
+        if "text" in batch:  # a token on the on-screen text also holds its word
+            on_text = (batch["text"] >= 0)[:, None]
+            words, n = words + on_text * self.texts[batch["text"].clamp(min=0)], n + on_text
+        words = torch.where(
+            n > 0, words, self.backgrounds[batch["background"]]
+        )  # nothing else: the background
         n = n.clamp(min=1)
         if self.motion and "motion" in batch:
             moving = (batch["motion"] >= 0)[:, None]
@@ -335,7 +362,7 @@ def _forward(model, heads: LabelHeads, batch: dict, temporal: bool = False):
 
 
 def _loss(out, batch: dict, targets: WordTargets) -> torch.Tensor:
-    multi, background, count, projected = out
+    multi, background, text, count, projected = out
     target = targets(batch)
     align = (projected.float() - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
     # tokens on exactly one shape also pick it among the shapes (softmax): measured 31% vs 27% after 200 steps
@@ -343,9 +370,12 @@ def _loss(out, batch: dict, targets: WordTargets) -> torch.Tensor:
     shapes = batch["multi"][:, nc : nc + ns]
     one = shapes.sum(1) == 1
     shape = F.cross_entropy(multi[one, nc : nc + ns].float(), shapes[one].argmax(1)) if one.any() else 0.0
+    on_text = batch["text"] >= 0
+    text_loss = F.cross_entropy(text[on_text].float(), batch["text"][on_text]) if on_text.any() else 0.0
     return (
         F.binary_cross_entropy_with_logits(multi, batch["multi"], reduction="sum") / multi.shape[0]
         + F.cross_entropy(background, batch["background"])
+        + text_loss
         + F.cross_entropy(count, batch["count"])
         + shape
         + align
@@ -394,7 +424,7 @@ def evaluate(
     result = {}
     nc = targets.n_colours
     if heads is not None:
-        multi, background, count, projected = _forward(model, heads, batch, temporal)
+        multi, background, text, count, projected = _forward(model, heads, batch, temporal)
         pred = multi > 0
         ns = targets.n_shapes
         parts = {"colours": slice(0, nc), "shapes": slice(nc, nc + ns), "pairs": slice(nc + ns, None)}
@@ -404,12 +434,19 @@ def evaluate(
         }
         result["token_background"] = float((background.argmax(1) == batch["background"]).float().mean())
         result["frame_count"] = float((count.argmax(1) == batch["count"]).float().mean())
+        on_text = batch["text"] >= 0
+        if on_text.any():
+            result["token_text"] = float((text[on_text].argmax(1) == batch["text"][on_text]).float().mean())
     else:
         projected = _project(model, batch, temporal)[1]
     result["word_cosine"] = float(F.cosine_similarity(projected.float(), targets(batch), dim=-1).mean())
     result.update(
         word_readout(projected, batch["multi"], targets, nc, batch.get("motion") if temporal else None)
     )
+    on_text = batch["text"] >= 0
+    if on_text.any():  # the nearest text word of the tokens on text
+        near = F.normalize(projected[on_text].float(), dim=-1) @ F.normalize(targets.texts, dim=-1).T
+        result["word_text"] = float((near.argmax(1) == batch["text"][on_text]).float().mean())
     if targets.position:  # the place the tokens say against the true one (off-centre tokens)
         said = (projected.float() - projected.float().mean(0)) @ targets.axes.T
         xy = _xy(batch)
@@ -443,15 +480,17 @@ def _motion_loss(model, batch: dict, targets: WordTargets, readout: float) -> to
 
 
 def cached_examples(folder: Path, processor, min_share: float) -> list[dict]:
-    """`prepare_examples` of ``folder``, kept in ``<folder>/stage0-examples.pt`` (remade when ``min_share`` changed)."""
+    """`prepare_examples` of ``folder``, kept in ``<folder>/stage0-examples.pt`` (remade when ``min_share`` or the
+    targets' layout changed)."""
     path = Path(folder) / "stage0-examples.pt"
+    key = {"min_share": min_share, "version": _EXAMPLES_VERSION}
     if path.exists():
         cached = torch.load(path)
-        if isinstance(cached, dict) and cached.get("min_share") == min_share:
+        if isinstance(cached, dict) and all(cached.get(k) == v for k, v in key.items()):
             return cached["examples"]
     examples = prepare_examples(folder, processor, min_share)
     tmp = path.with_suffix(".tmp")
-    torch.save({"min_share": min_share, "examples": examples}, tmp)
+    torch.save({**key, "examples": examples}, tmp)
     tmp.replace(path)
     return examples
 

@@ -12,11 +12,15 @@
               alignment
     stage 2-3 configs/pretrain/stage{2a,2,3}_tiny.yaml through the pretraining recipe (each resumable): 2a images
               first (a curriculum), then the multi-task mix, then annealing
+    stage 4-5 keye-tiny v2, the generator's defaults (`V2_DATA`: up to four smaller shapes, on-screen text; data under
+              ``<data>/v2``): stage4{,_motion}_tiny.yaml as Stage 0 again from Stage 0's tower, tokens on the text
+              also learning its word; stage5_tiny.yaml a fresh LoRA on the v2 mix with a share of the first regime
     asset     the stages' delta files composed into one (vision tower, projector, new token rows, LoRA factors: no
               SmolLM2 weight) -> keye/assets/keye-tiny.safetensors (``--asset`` elsewhere)
-    eval      `evaluate_open`: open-ended accuracy per question type on a seed never trained on (the multiple-choice
-              score comes from the harness: ``keye eval synthetic --seed 7 --n 1000 --max-objects 2 --text-prob 0
-              --object-scale 0.3 0.42``)
+    eval      `evaluate_open`: open-ended accuracy per question type on a seed never trained on, at keye-tiny's first
+              regime or the generator's defaults (``--eval-regime``); the multiple-choice score comes from the
+              harness: ``keye eval synthetic --seed 7 --n 1000`` (add ``--max-objects 2 --text-prob 0
+              --object-scale 0.3 0.42`` for the first regime)
 
 Interrupted? Run the same command again: finished stages are skipped, the running one resumes from its checkpoint.
 """
@@ -44,14 +48,22 @@ STAGES = [
     "stage2a_tiny",
     "stage2_tiny",
     "stage3_tiny",
-]  # Stage 1 (projector alignment) is part of Stage 0 here
+    "stage4_tiny",
+    "stage4_motion_tiny",
+    "stage5_tiny",
+]  # Stage 1 (projector alignment) is part of Stage 0 here; 4-5: the generator's defaults (keye-tiny v2)
 TRAIN_SEEDS = {"video": 1000, "image": 1001, "stage0": 1002}
+V2_SEEDS = {"video": 1003, "image": 1004, "stage0": 1005}
 # keye-tiny's regime of the generator (its training data and the held-out questions it is measured on): at most two
 # shapes per scene, 1-3 scenes, no on-screen text, objects 0.3-0.42 of the 112-pixel frame (34-47 px, more than one
 # 28x28 merged token; at the default 0.16-0.24 one token holds a whole object). Larger objects alone did not teach the
 # tower shapes (Stage 0's word_shape 30 -> 34%); Stage 0's own 10,000 images did (87%, keye.pretrain.labels).
 # `keye eval synthetic --max-objects 2 --text-prob 0 --object-scale 0.3 0.42` asks the same.
 TINY_DATA = {"max_objects": 2, "text_prob": 0.0, "object_scale": (0.3, 0.42)}
+# keye-tiny v2 (stages 4-5, under ``<data>/v2``): the generator's defaults, as `keye eval synthetic` and the demo's
+# examples draw them: up to four shapes of 0.16-0.24 of the frame (one 28x28 merged token each at 112x112), on-screen
+# text in half the scenes.
+V2_DATA = {"max_objects": 4, "text_prob": 0.5, "object_scale": None}
 # The Video-MME prompt, as the harness builds it (keye.eval.videomme; recipes do not import the harness).
 MC_INSTRUCTION = (
     "Select the best answer to the following multiple-choice question based on the video. "
@@ -98,43 +110,30 @@ def _multi_turn(media: dict, sample, rng: random.Random) -> dict:
     return {"messages": messages, "meta": {"qtype": "multi"}}
 
 
-def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2, n_stage0: int = 10_000) -> Path:
-    """Generate the media and write the manifests under ``root`` (skipped when already there), and Stage 0's own
-    ``n_stage0`` still images under ``root/stage0`` (labels only, no manifest is trained on)."""
+def _write_regime(
+    root: Path, seeds: dict, scene: dict, n_video: int, n_image: int, n_stage0: int, workers: int
+):
+    """One regime's media (``scene``: the generator's difficulty) and manifests under ``root``."""
     from keye.synthetic import generate_dataset, load_samples
 
-    root = Path(root)
     # before the DONE check: data written before Stage 0 had images of its own gets them too
     if n_stage0 and not (root / "stage0" / "image" / "samples.jsonl").exists():
         generate_dataset(
-            root / "stage0" / "image",
-            seed=TRAIN_SEEDS["stage0"],
-            n=n_stage0,
-            kinds=("image",),
-            size=(112, 112),
-            workers=workers,
-            **TINY_DATA,
-        )
+            root / "stage0" / "image", seed=seeds["stage0"], n=n_stage0, kinds=("image",), size=(112, 112),
+            workers=workers, **scene,
+        )  # fmt: skip
     if (root / "DONE").exists():
-        return root
+        return
     for kind, n in (("video", n_video), ("image", n_image)):
         if not (root / kind / "samples.jsonl").exists():
             generate_dataset(
-                root / kind,
-                seed=TRAIN_SEEDS[kind],
-                n=n,
-                kinds=(kind,),
-                size=(112, 112),
-                fps=8,
-                duration=4.0,
-                per_sample="all",
-                workers=workers,
-                **TINY_DATA,
-            )
+                root / kind, seed=seeds[kind], n=n, kinds=(kind,), size=(112, 112), fps=8, duration=4.0,
+                per_sample="all", workers=workers, **scene,
+            )  # fmt: skip
     for kind in ("video", "image"):
         samples = load_samples(root / kind / "samples.jsonl")
         out = defaultdict(list)
-        rng = random.Random(TRAIN_SEEDS[kind])
+        rng = random.Random(seeds[kind])
         for s in samples:
             media = {"type": kind, kind: str(Path(s.media).resolve().relative_to(root.resolve()))}
             out["caption"].append(_chat(media, f"Describe the {kind}.", s.caption, {"qtype": "caption"}))
@@ -152,6 +151,15 @@ def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2, n_sta
             path = root / (f"{name}_{kind}.jsonl" if name != "text_mc" else "text_mc.jsonl")
             path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     (root / "DONE").write_text("ok\n")
+
+
+def prepare_data(root: Path, n_video: int, n_image: int, workers: int = 2, n_stage0: int = 10_000) -> Path:
+    """Generate the media and write the manifests under ``root`` (skipped when already there), and Stage 0's own
+    ``n_stage0`` still images under ``root/stage0`` (labels only, no manifest is trained on); the same for keye-tiny
+    v2's regime (`V2_DATA`, seeds `V2_SEEDS`) under ``root/v2`` (``n_stage0 * 0.6`` still images)."""
+    root = Path(root)
+    _write_regime(root, TRAIN_SEEDS, TINY_DATA, n_video, n_image, n_stage0, workers)
+    _write_regime(root / "v2", V2_SEEDS, V2_DATA, n_video, n_image, int(n_stage0 * 0.6), workers)
     return root
 
 
@@ -191,10 +199,18 @@ def build_asset(stage_dirs: list[Path], out: Path) -> Path:
 
 
 def evaluate_open(
-    model, processor, *, seed: int, n: int, media_dir: Path, qtypes: tuple[str, ...] | None = None
+    model,
+    processor,
+    *,
+    seed: int,
+    n: int,
+    media_dir: Path,
+    qtypes: tuple[str, ...] | None = None,
+    scene: dict | None = None,
 ) -> dict:
     """Open-ended accuracy: the question alone, a short greedy answer, correct when it names the true answer and
-    no other option. Questions of videos ``syn-video-<seed>-<i>`` in order (as the synthetic benchmark takes them)."""
+    no other option. Questions of videos ``syn-video-<seed>-<i>`` in order (as the synthetic benchmark takes them),
+    drawn at ``scene`` (the generator's difficulty; default `TINY_DATA`, keye-tiny's own regime)."""
     from tqdm.auto import tqdm
 
     from keye.synthetic import make_video_sample
@@ -204,7 +220,9 @@ def evaluate_open(
     model.eval()
     bar = tqdm(total=n, desc="open-ended", unit="q")
     while asked < n:
-        s = make_video_sample(media_dir, seed, index=index, size=(112, 112), fps=8, duration=4.0, **TINY_DATA)
+        s = make_video_sample(
+            media_dir, seed, index=index, size=(112, 112), fps=8, duration=4.0, **(scene or TINY_DATA)
+        )
         index += 1
         video = processor.load_video(s.media)  # the model's own frame settings, as the harness uses
         for qa in s.questions:
@@ -270,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-models", nargs="+", choices=("untrained", "trained"), default=["untrained", "trained"]
     )
+    parser.add_argument(
+        "--eval-regime",
+        choices=("tiny", "default"),
+        default="tiny",
+        help="the questions' difficulty: keye-tiny v1's regime, or the generator's defaults (keye eval synthetic)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -286,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         models = [("untrained", None)] + ([("trained", args.asset)] if args.asset.exists() else [])
         for name, asset in (m for m in models if m[0] in args.eval_models):
             model, processor = load_with_asset(asset)
+            scene = TINY_DATA if args.eval_regime == "tiny" else V2_DATA
+            media = args.data.parent / f"eval-{args.eval_regime}"
             res = evaluate_open(
-                model, processor, seed=args.eval_seed, n=args.eval_n, media_dir=args.data.parent / "eval"
+                model, processor, seed=args.eval_seed, n=args.eval_n, media_dir=media, scene=scene
             )
             print(name, json.dumps(res))
     return 0

@@ -325,3 +325,27 @@ def test_a_resumed_label_phase_draws_the_same_media(tmp_path):
     later.position = 2
     assert not torch.equal(drawn[0], drawn[1])  # the draws differ from step to step
     assert all(torch.equal(a, b["pixel_values"]) for a, b in zip(drawn[2:], later.micro_batches()))
+
+
+def test_tokens_on_the_on_screen_text_learn_its_word():
+    """A token holding a share of the text's box is labelled with the text (the head's class and, in the projector's
+    target, the word itself: alone on a token without shapes, beside the shapes' words on one with them)."""
+    from keye.pretrain.labels import _texts
+    from keye.pretrained import load_pretrained
+
+    objs = [SceneObject("square", "red", 20, (42.0, 98.0), (42.0, 98.0))]  # under the text's left half
+    spec = VideoSpec((112, 112), 8.0, 4, [Scene(0, 4, "navy", objs, None, "key", (40, 88, 72, 108), 20)])
+    t = token_targets(spec, 0, (4, 4), min_share=0.2)
+    text = t["text"].view(4, 4)
+    assert text[3, 1] == text[3, 2] == _texts().index("key")
+    assert (text >= 0).sum() == 2  # nowhere else
+    model, processor = load_pretrained("keye-tiny")
+    got = WordTargets(model, processor.tokenizer)(t)
+    table = model.get_input_embeddings().weight.detach().float()
+
+    def word(w):
+        return table[processor.tokenizer.encode(w, add_special_tokens=False)].mean(0)
+
+    torch.testing.assert_close(got[3 * 4 + 2], word("key"))
+    torch.testing.assert_close(got[3 * 4 + 1], (word("red") + word("square") + word("key")) / 3)
+    torch.testing.assert_close(got[0], word("navy"))

@@ -21,13 +21,29 @@ EXPORTED = {
     "stage0_motion_tiny",
     "stage2a_tiny",
     "stage2_tiny",
-}  # read by later stages' init_from
+    "stage3_tiny",
+    "stage4_tiny",
+    "stage4_motion_tiny",
+    "thyme-sft-tiny",
+}  # read by later stages' init_from (thyme-sft-tiny: Thyme RL's model)
 NEEDS = {  # the stages whose exports a config's init_from reads
     "stage0_motion_tiny": ["stage0_tiny"],
     "stage1_tiny": ["stage0_tiny", "stage0_motion_tiny"],
     "stage2a_tiny": ["stage0_tiny", "stage0_motion_tiny"],
     "stage2_tiny": ["stage0_tiny", "stage0_motion_tiny", "stage2a_tiny"],
     "stage3_tiny": ["stage0_tiny", "stage0_motion_tiny", "stage2a_tiny", "stage2_tiny"],
+    "stage4_tiny": ["stage0_tiny", "stage0_motion_tiny"],
+    "stage4_motion_tiny": ["stage0_tiny", "stage0_motion_tiny", "stage4_tiny"],
+    "stage5_tiny": [
+        "stage0_tiny",
+        "stage0_motion_tiny",
+        "stage2a_tiny",
+        "stage2_tiny",
+        "stage3_tiny",
+        "stage4_tiny",
+        "stage4_motion_tiny",
+    ],
+    "thyme-tiny": ["thyme-sft-tiny"],
 }
 
 
@@ -41,7 +57,8 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shipped")
     prepare_data(root / "runs/keye-tiny/data", n_video=4, n_image=4, workers=1, n_stage0=4)
     common = ["--text-prob", "0", "--per-sample", "all"]
-    assert posttrain_main(["posttrain-data", "--out", str(root / "runs/posttrain/data"), "--n", "4"]) == 0
+    out = str(root / "runs/posttrain/data")
+    assert posttrain_main(["posttrain-data", "--out", out, "--n", "4", "--tool-sft-n", "4"]) == 0
     assert (
         posttrain_main(
             [
@@ -60,6 +77,8 @@ def workdir(tmp_path_factory):
                 "0",
                 "--rl-qtypes",
                 "count",
+                "--tool-sft-n",
+                "0",
             ]
         )
         == 0
