@@ -148,7 +148,7 @@ def _eval_tools(args: argparse.Namespace, model, processor, overrides: dict) -> 
     verifier = make_verifier(args.verifier)
     with_tools = evaluate_tools(
         model, processor, args.manifest, verifier, n=args.n, max_rounds=args.max_rounds,
-        max_new_tokens=args.max_new_tokens or 160, sandbox=SandboxConfig(), think=args.think, **overrides,
+        max_new_tokens=args.max_new_tokens or 256, sandbox=SandboxConfig(), think=args.think, **overrides,
     )  # fmt: skip
     traces = with_tools.pop("traces")
     without = evaluate_accuracy(
@@ -218,7 +218,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--n", type=int, default=100, help="first N lines")
     e.add_argument(
-        "--max-new-tokens", type=int, help="per answer (default 8), per model turn with --tools (default 160)"
+        "--max-new-tokens", type=int, help="per answer (default 8), per model turn with --tools (default 256)"
     )
     e.add_argument("--max-frames", type=int, default=8)
     e.add_argument(

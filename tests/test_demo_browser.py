@@ -415,9 +415,9 @@ def test_browser_tools_then_no_tools_sends_the_image_again(tools_model, tmp_path
 
 def test_browser_tool_task_example_runs_the_tool_loop(tools_model, tmp_path, capsys, bwrap):
     """The tool-task button: the generated image with its question and expected answer, Tools switched on, and after
-    Send the tool loop's rounds in the chat and the answer marked. ``KEYE_DEMO_TOOL_MODEL`` names a model trained to
-    use the tools (`configs/posttrain/thyme-sft-tiny.yaml`'s export: the README's screenshot); by default keye-tiny
-    with a card that claims tools, which answers without code."""
+    Send the tool loop's rounds in the chat. ``KEYE_DEMO_TOOL_MODEL`` names a model trained to use the tools
+    (`configs/posttrain/thyme-sft-tiny.yaml`'s export: the README's screenshot), whose code round and marked answer
+    are checked; by default keye-tiny with a card that claims tools, which writes no code."""
     model = os.environ.get("KEYE_DEMO_TOOL_MODEL") or str(tools_model)
     proc, url = _start(["--model", model], tmp_path / "server.log")
     try:
@@ -429,13 +429,19 @@ def test_browser_tool_task_example_runs_the_tool_loop(tools_model, tmp_path, cap
             expected = truth.locator("tbody tr").first.locator("td").nth(1).inner_text().strip()
             assert "corner" in question and page.locator("#prompt textarea").input_value() == question
             assert page.locator("#tools input[type=checkbox]").is_checked()
+            page.locator("#max-new input[type=number]").fill("256")  # a code turn is ~130 tokens
+            page.locator("#max-new input[type=number]").press("Enter")
             page.locator("#send").click()
             page.locator("#stats", has_text="model turns").wait_for(timeout=180_000)
-            page.locator('#chat [data-testid="bot"]', has_text="expected answer is").wait_for(timeout=30_000)
-            mark = _bots(page)[-1]
-            assert re.fullmatch(rf"[✓✗] (Right|Wrong): the expected answer is {re.escape(expected)}\.", mark)
-            if os.environ.get("KEYE_DEMO_TOOL_MODEL"):  # a tool-trained model crops the corner
+            if os.environ.get("KEYE_DEMO_TOOL_MODEL"):  # a tool-trained model crops the corner, then answers
                 page.locator("#chat", has_text="Round 1: code").wait_for(timeout=10_000)
+                page.locator('#chat [data-testid="bot"]', has_text="expected answer is").wait_for(
+                    timeout=30_000
+                )
+                mark = _bots(page)[-1]
+                assert re.fullmatch(
+                    rf"[✓✗] (Right|Wrong): the expected answer is {re.escape(expected)}\.", mark
+                )
             with capsys.disabled():
                 _screenshot(page, "6-tool-example.png")
     finally:
