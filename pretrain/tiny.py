@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-video", type=int, default=2400)
     parser.add_argument("--n-image", type=int, default=1200)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--stages", nargs="+", default=STAGES)
+    parser.add_argument(
+        "--stages", nargs="+", default=STAGES, help="the stages to run, in order; the asset composes them"
+    )
     parser.add_argument(
         "--asset",
         type=Path,
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data(args.data, args.n_video, args.n_image, args.workers)
         logger.info("data ready: %.1f min", (time.perf_counter() - t0) / 60)
         run_stages(args.stages, args.overrides)
-        dirs = [stage_output(s, args.overrides) for s in STAGES]
+        dirs = [stage_output(s, args.overrides) for s in args.stages]  # v1 alone: stages 0-3
         if all((d / "final" / "weights.safetensors").exists() for d in dirs):
             build_asset(dirs, args.asset)
         logger.info("total: %.1f min", (time.perf_counter() - t0) / 60)
