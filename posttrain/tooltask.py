@@ -2,8 +2,8 @@
 
 `write_tool_task` writes the task, its question types in turn: ``spot`` (the colour of a small shape in one corner of
 a large image, a third of a vision token at keye-tiny's input resolution: crop and enlarge), ``measure`` (the width in
-pixels of a coloured rectangle: count columns with numpy) and ``zoom`` (a two-digit number printed too small to read
-in one corner: crop, enlarge and read it); answers are one word or a number (the ``normalized`` verifier scores both),
+pixels of a coloured rectangle: count columns with numpy) and ``zoom`` (a word or digit of the generator's on-screen
+text printed too small to read in one corner: crop, enlarge and read it); answers are one word or a number (the ``normalized`` verifier scores both),
 with per-question hints (concept, strategy, the tool call, the solution) for ``keye rl``'s hint escalation.
 
 `write_tool_sft` turns the same kind of samples into tool-use SFT conversations: for each, the Thyme loop
@@ -59,8 +59,11 @@ def _crop_code(corner: str, part: int, enlarge: str) -> str:
 
 
 def _zoom_sample(rng: np.random.Generator, size: int):
-    """A few large shapes and, in one corner, a two-digit number printed too small to read without zooming."""
-    from PIL import Image, ImageDraw, ImageFont
+    """A few large shapes and, in one corner, a word or digit of the generator's on-screen text (`WORDS`, `DIGITS`,
+    in its font) printed too small to read without zooming; enlarged, it is as large as the generator's text."""
+    from PIL import Image, ImageDraw
+
+    from keye.synthetic.world import DIGITS, WORDS, _font, _stroke
 
     image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
     draw = ImageDraw.Draw(image)
@@ -69,25 +72,26 @@ def _zoom_sample(rng: np.random.Generator, size: int):
         x0, y0 = (int(v) for v in rng.integers(size // 6, size // 2, 2))
         w, h = (int(v) for v in rng.integers(size // 6, size // 3, 2))
         draw.ellipse((x0, y0, x0 + w, y0 + h), fill=_COLOURS[names[rng.integers(len(names))]])
-    number = int(rng.integers(10, 100))
-    font = ImageFont.load_default(size=max(6, size // 16))
-    left, top, right, bottom = draw.textbbox((0, 0), str(number), font=font)
+    text = str(rng.choice(DIGITS)) if rng.random() < 0.5 else str(rng.choice(WORDS))
+    fs = max(6, size // 16)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=_font(fs), stroke_width=_stroke(fs))
     w, h = right - left + 2, bottom - top + 2
     corner = _CORNERS[rng.integers(4)]
     x = 1 if "left" in corner else size - w - 1
     y = 1 if "top" in corner else size - h - 1
-    draw.rectangle((x, y, x + w, y + h), fill=(255, 255, 255))
-    draw.text((x + 1 - left, y + 1 - top), str(number), fill=(0, 0, 0), font=font)
-    question = (
-        f"A small number is printed in the {corner} corner of the image. What is it? Answer with the number."
+    draw.rectangle((x, y, x + w, y + h), fill=(250, 250, 250))
+    ink = (25, 25, 25)
+    draw.text(
+        (x + 1 - left, y + 1 - top), text, fill=ink, font=_font(fs), stroke_width=_stroke(fs), stroke_fill=ink
     )
+    question = f"A small word or digit is printed in the {corner} corner of the image. What is it? Answer with one word."
     hints = {
-        "concept": "The number is too small to read at this size; an enlarged crop of that corner makes it legible.",
-        "strategy": f"Crop the {corner} corner of the image, enlarge it, and read the number from the enlarged image.",
+        "concept": "The text is too small to read at this size; an enlarged crop of that corner makes it legible.",
+        "strategy": f"Crop the {corner} corner of the image, enlarge it, and read the text in the enlarged image.",
         "tool": _crop_code(corner, 3, "(4 * q, 4 * q)"),
-        "solution": f"The answer is {number}.",
+        "solution": f"The answer is {text}.",
     }
-    return image, question, str(number), hints
+    return image, question, text, hints
 
 
 def _spot_sample(rng: np.random.Generator, size: int):
@@ -243,7 +247,7 @@ def _script(qtype: str, answer: str, hints: dict, recover: bool) -> list[str]:
         imports = "from PIL import Image\n"
         broken = hints["tool"].replace(".resize((", ".resize((0 * ")  # a zero-sized enlargement: ValueError
         fix = "The enlargement needs a positive size, larger than the crop."
-        seen = f"the number {answer}" if qtype == "zoom" else f"a {answer} shape"
+        seen = f"the text {answer}" if qtype == "zoom" else f"a {answer} shape"
         reading = f"The enlarged corner shows {seen}."
     else:
         imports = "import numpy as np\nfrom PIL import Image\n"

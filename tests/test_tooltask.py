@@ -56,3 +56,25 @@ def test_every_question_type_in_turn_and_unknown_ones_are_errors(tmp_path):
     assert qtypes == [*TOOL_QTYPES, *TOOL_QTYPES, TOOL_QTYPES[0]]
     with pytest.raises(ValueError, match="unknown question types.*'read'"):
         write_tool_task(tmp_path / "x", n=1, qtypes=("read",))
+
+
+def _ink_height(a: np.ndarray) -> int:
+    """Rows holding the task's dark text ink."""
+    ys = np.nonzero((np.abs(a.astype(int) - (25, 25, 25)).max(-1) < 60).any(1))[0]
+    return int(np.ptp(ys)) + 1
+
+
+def test_zoom_text_is_tiny_and_the_crop_shows_it_at_the_generators_text_size(tmp_path):
+    from keye.synthetic.world import DIGITS, WORDS
+
+    manifest = write_tool_task(tmp_path, n=8, seed=3, qtypes=("zoom",))
+    for line in map(json.loads, manifest.read_text().splitlines()):
+        assert line["meta"]["answer"] in (*DIGITS, *WORDS)
+        path = tmp_path / line["messages"][0]["content"][0]["image"]
+        assert (
+            _ink_height(np.asarray(Image.open(path).convert("RGB"))) <= 9
+        )  # a third of a 28-px vision token
+        crop = np.asarray(_run_hint(line["meta"]["hints"]["tool"], str(path), tmp_path))
+        assert (
+            18 <= _ink_height(crop) <= 40
+        )  # the generator's text at 112 px: font 25 px (0.75 x a 34-px band)
