@@ -186,14 +186,15 @@ def run_stages(stages: list[str], overrides: list[str]) -> None:
 
 
 def build_asset(stage_dirs: list[Path], out: Path) -> Path:
-    """Compose the stages' delta files into the one file keye-tiny ships (fp32)."""
+    """Compose the stages' delta files into the one file keye-tiny ships, in fp16 (half of fp32's size; applied to
+    the fp32 model, its answers matched the fp32 file's on the held-out questions compared: README)."""
     from safetensors.torch import save_file
 
     from keye.deltas import compose_deltas, read_tensors
 
     delta = compose_deltas([read_tensors(d / "final") for d in stage_dirs])
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float() if v.is_floating_point() else v for k, v in delta.items()}, str(out))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in delta.items()}, str(out))
     logger.info("%s: %d tensors, %.1f MB", out, len(delta), out.stat().st_size / 1e6)
     return out
 

@@ -150,7 +150,7 @@ def test_packed_loss_equals_the_sum_of_separate_losses(tiny):
 # ---------------------------------------------------------------------------------------------------------- deltas, merge
 
 
-def test_composed_deltas_equal_sequential_application(tiny):
+def test_composed_deltas_equal_sequential_application(tiny, tmp_path):
     from keye.configuration import KeyeConfig
     from keye.deltas import apply_delta, compose_deltas
     from keye.modeling import KeyeForConditionalGeneration
@@ -178,6 +178,22 @@ def test_composed_deltas_equal_sequential_application(tiny):
     apply_delta(b, compose_deltas([d1, d2]))
     for (n, p), (_, p2) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, p2, rtol=1e-5, atol=1e-5, msg=n)
+    # keye-tiny's asset: the stages' final deltas composed, stored in fp16 (row ids stay integers)
+    from safetensors.torch import load_file, save_file
+
+    from keye.pretrain.tiny import build_asset
+
+    for name, d in (("s1", d1), ("s2", d2)):
+        (tmp_path / name / "final").mkdir(parents=True)
+        save_file(d, str(tmp_path / name / "final" / "weights.safetensors"))
+    asset = load_file(str(build_asset([tmp_path / "s1", tmp_path / "s2"], tmp_path / "asset.safetensors")))
+    assert asset[f"{e}.rows"].dtype == torch.long and asset[f"{q}.lora_A"].dtype == torch.float16
+    c = KeyeForConditionalGeneration(KeyeConfig.from_pretrained(model_dir))
+    c.load_state_dict(b.state_dict())
+    apply_delta(c, compose_deltas([d1, d2]))  # twice, as `b` got it once on top of the same start
+    apply_delta(b, asset)
+    for (n, p), (_, p2) in zip(c.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, p2, rtol=2e-3, atol=2e-2, msg=n)
     with pytest.raises(ConfigError, match="not in the model"):
         apply_delta(a, {"vision.nope": torch.zeros(1)})
 
