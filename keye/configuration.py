@@ -153,9 +153,10 @@ KEYE_TINY_CARD = ModelCard(
     tools=False,
     notes=(
         "keye-tiny (a 135M language model with a 4-layer vision tower) was trained only on generated clips: the "
-        "colour, shape, count and motion of simple shapes and the order of scenes. It is right about 8 times in 10 "
-        "on clips with one or two large shapes and about 4 in 10 on busier ones with text, like the generated "
-        "examples here; it does not reason step by step and has not learned to write code for tools."
+        "colour, shape, count and motion of simple shapes, on-screen words and digits, and the order of scenes. On "
+        "clips like the generated examples here (up to four shapes, text in half of them) it is right about 7 times "
+        "in 10, but counts right only about 4 times in 10; it does not reason step by step and has not learned to "
+        "write code for tools."
     ),
 )
 
