@@ -1,8 +1,9 @@
 """Every shipped keye-tiny YAML runs two optimizer steps as it is shipped: its model (keye-tiny or keye-tiny-base),
 freezing, LoRA, precision, schedule and data paths, on data made by the commands its comments name (at a small ``n``),
 from the folder a user runs it in. Overridden: ``max_steps=2``, ``save_every=2``, ``export`` (on only where a later
-stage's ``init_from`` reads it), Stage 0's ``labels.held_out`` (the tiny data has fewer media than 100) and GSPO's
-``rl.eval_n`` (2 held-out prompts before and after, not 100)."""
+stage's ``init_from`` reads it), Stage 0's ``labels.held_out`` (the tiny data has fewer media than 100) and RL's
+``rl.eval_n`` (2 held-out prompts before and after, not 100), ``rl.prompts_per_step`` (1) and ``rl.max_new_tokens``
+(at most 32: a 2-step tool SFT export rarely stops on its own), which keep the RL runs to seconds."""
 
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ def _run(name: str) -> Path:
         overrides.append("labels.held_out=1")
     if cls.recipe == "rl":
         overrides.append("rl.eval_n=2")  # held-out accuracy before and after on 2 prompts, not 100
+        overrides += [
+            "rl.prompts_per_step=1",
+            f"rl.max_new_tokens={min(32, _load(path, cls).rl.max_new_tokens)}",
+        ]
     if cls.recipe in ("pretrain", "labels"):
         from keye.pretrain.recipe import run
     else:
@@ -117,9 +122,13 @@ def _run(name: str) -> Path:
         run = importlib.import_module(f"keye.posttrain.{'rl' if cls.recipe == 'rl' else cls.recipe}").run
     run(path, overrides)
     _done.add(name)
+    return Path(_load(path, cls, overrides).output_dir)
+
+
+def _load(path: Path, cls, overrides: list[str] | None = None):
     from keye.training import load_config
 
-    return Path(load_config(path, overrides, cls=cls).output_dir)
+    return load_config(path, overrides, cls=cls)
 
 
 @pytest.mark.slow
