@@ -3,7 +3,7 @@
 `write_tool_task` writes the task, its question types in turn: ``spot`` (the colour of a small shape in one corner of
 a large image, a third of a vision token at keye-tiny's input resolution: crop and enlarge), ``measure`` (the width in
 pixels of a coloured rectangle: count columns with numpy) and ``zoom`` (a word or digit of the generator's on-screen
-text printed too small to read in one corner: crop, enlarge and read it); answers are one word or a number (the
+text printed too small to read in one corner of a large image: crop that corner at full resolution and read it); answers are one word or a number (the
 ``normalized`` verifier scores both), with per-question hints (concept, strategy, the tool call, the solution) for
 ``keye rl``'s hint escalation.
 
@@ -60,36 +60,41 @@ def _crop_code(corner: str, part: int, enlarge: str) -> str:
 
 
 def _zoom_sample(rng: np.random.Generator, size: int):
-    """A few large shapes and, in one corner, a word or digit of the generator's on-screen text (`WORDS`, `DIGITS`,
-    in its font) printed too small to read without zooming; enlarged, it is as large as the generator's text."""
+    """A large image (8 x ``size``, a light background of the generator's) of big shapes and, in one corner, a word or
+    digit of the generator's on-screen text (`WORDS`, `DIGITS`) laid out as the generator lays out a ``size`` frame's
+    text: an eighth of its size at keye-tiny's input resolution, too small to read; the ``size`` x ``size`` corner
+    cropped at full resolution (the `spot` program) shows it as the generator's clips do. Measured: keye-tiny v2
+    read such crops 88% of the time (35 of 40, asked as the benchmark asks), 25% when the word sat anywhere in the
+    crop on another background."""
     from PIL import Image, ImageDraw
 
-    from keye.synthetic.world import DIGITS, WORDS, _font, _stroke
+    from keye.synthetic.world import BACKGROUNDS, DIGITS, WORDS, _font, _stroke, _text_layout
 
-    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+    big = 8 * size
+    light = [rgb for rgb, tone in BACKGROUNDS.values() if tone == "light"]
+    image = Image.new("RGB", (big, big), light[rng.integers(len(light))])
     draw = ImageDraw.Draw(image)
     names = list(_COLOURS)
-    for _ in range(3):
-        x0, y0 = (int(v) for v in rng.integers(size // 6, size // 2, 2))
-        w, h = (int(v) for v in rng.integers(size // 6, size // 3, 2))
+    for _ in range(3):  # the shapes stay out of the corner regions
+        w, h = (int(v) for v in rng.integers(big // 6, big // 3, 2))
+        x0, y0 = (int(rng.integers(size, big - size - v)) for v in (w, h))
         draw.ellipse((x0, y0, x0 + w, y0 + h), fill=_COLOURS[names[rng.integers(len(names))]])
     text = str(rng.choice(DIGITS)) if rng.random() < 0.5 else str(rng.choice(WORDS))
-    fs = max(6, size // 16)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=_font(fs), stroke_width=_stroke(fs))
-    w, h = right - left + 2, bottom - top + 2
     corner = _CORNERS[rng.integers(4)]
-    x = 1 if "left" in corner else size - w - 1
-    y = 1 if "top" in corner else size - h - 1
-    draw.rectangle((x, y, x + w, y + h), fill=(250, 250, 250))
+    x0, y0, x1, y1 = _corner_box(corner, big, 8)
+    # laid out as the generator lays out a ``size`` frame's text: centred in a band at the top or bottom
+    band_h = round(0.3 * size)
+    band = (x0, y0, x1, y0 + band_h) if rng.random() < 0.5 else (x0, y1 - band_h, x1, y1)
+    fs, box = _text_layout(text, band, rng)
+    left, top, _, _ = draw.textbbox((0, 0), text, font=_font(fs), anchor="mm", stroke_width=_stroke(fs))
     ink = (25, 25, 25)
-    draw.text(
-        (x + 1 - left, y + 1 - top), text, fill=ink, font=_font(fs), stroke_width=_stroke(fs), stroke_fill=ink
-    )
+    draw.text((box[0] - left, box[1] - top), text, fill=ink, font=_font(fs), anchor="mm", stroke_width=_stroke(fs),
+              stroke_fill=ink)  # fmt: skip
     question = f"A small word or digit is printed in the {corner} corner of the image. What is it? Answer with one word."
     hints = {
-        "concept": "The text is too small to read at this size; an enlarged crop of that corner makes it legible.",
+        "concept": "The text is too small to read at this size; a crop of that corner at full resolution makes it legible.",
         "strategy": f"Crop the {corner} corner of the image, enlarge it, and read the text in the enlarged image.",
-        "tool": _crop_code(corner, 3, "(4 * q, 4 * q)"),
+        "tool": _crop_code(corner, 8, f"({size}, {size})"),
         "solution": f"The answer is {text}.",
     }
     return image, question, text, hints

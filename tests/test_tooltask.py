@@ -58,21 +58,21 @@ def test_every_question_type_in_turn_and_unknown_ones_are_errors(tmp_path):
         write_tool_task(tmp_path / "x", n=1, qtypes=("read",))
 
 
-def _ink_height(a: np.ndarray) -> int:
-    """Rows holding the task's dark text ink."""
-    ys = np.nonzero((np.abs(a.astype(int) - (25, 25, 25)).max(-1) < 60).any(1))[0]
-    return int(np.ptp(ys)) + 1
-
-
-def test_zoom_text_is_tiny_and_the_crop_shows_it_at_the_generators_text_size(tmp_path):
+def test_zoom_text_is_too_small_to_read_and_the_crop_shows_it_at_the_generator_size(tmp_path, keye_tiny):
     from keye.synthetic.world import DIGITS, WORDS
 
+    _, processor = keye_tiny
     manifest = write_tool_task(tmp_path, n=8, seed=3, qtypes=("zoom",))
+    ink = (25, 25, 25)
     for line in map(json.loads, manifest.read_text().splitlines()):
         assert line["meta"]["answer"] in (*DIGITS, *WORDS)
         path = tmp_path / line["messages"][0]["content"][0]["image"]
-        # 7 px: a third of a 28-px vision token; after the hint's crop, about the generator's own text at 112 px
-        # (font 25 px: 0.75 x a 34-px band)
-        assert _ink_height(np.asarray(Image.open(path).convert("RGB"))) <= 9
+        image = Image.open(path).convert("RGB")
+        inputs = processor([{"role": "user", "content": [{"type": "image", "image": str(path)}]}])
+        side = int(inputs["image_grid_thw"][0][1]) * 14  # what keye-tiny sees of it
+        seen = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR))
+        assert _extent(seen, ink) <= 28  # the whole word within one vision token
+        # the hint's crop, at full resolution: the generator's own text in a 112-px frame (font 25 px: 0.75 x a
+        # 34-px band; a word up to 0.8 of the frame wide)
         crop = np.asarray(_run_hint(line["meta"]["hints"]["tool"], str(path), tmp_path))
-        assert 18 <= _ink_height(crop) <= 40
+        assert crop.shape[:2] == (112, 112) and 18 <= _extent(crop, ink) <= 92
