@@ -148,7 +148,7 @@ def plot_rewards(metrics: list[dict], path: Path, title: str) -> None:
     ax.plot(steps, [m["pass_rate"] for m in metrics], lw=0.8, alpha=0.6, label="pass rate")
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylim(-0.05, max(1.0, *reward) + 0.05)  # Thyme's reward goes up to 2
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
