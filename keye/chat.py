@@ -12,6 +12,7 @@ way. ``send(..., stop_at=TEXT)`` ends a turn with the token that completes ``TEX
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -260,7 +261,8 @@ class ConversationPool:
     all run there): a turn is prefilled alone, then decodes with every other turn in flight, one token per step for
     all of them, and leaves the batch when it ends; identical first turns (a group's shared prompt) are prefilled
     once. A conversation's KV cache goes back to its session between turns, so a sandbox run or a slow job holds up
-    no one."""
+    no one. A job may itself call ``run`` (e.g. RL: one job per prompt, each running its group's conversations):
+    those jobs start on threads of their own and their turns join the same batch."""
 
     def __init__(self, model, processor, *, max_batch: int = 8):
         if max_batch < 1:
@@ -268,8 +270,9 @@ class ConversationPool:
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.decoder = BatchDecoder(model, processor.tokenizer)
         self.requests: queue.Queue = queue.Queue()
-        # the last first turn prefilled: (input ids, vision inputs, its state)
-        self._opening: tuple | None = None
+        # the last first turns prefilled (one per prompt in flight): (input ids, vision inputs, its state)
+        self._openings: collections.deque = collections.deque(maxlen=8)
+        self._server: int | None = None  # the thread serving turns while `run` is on
 
     def session(self, cls: type[PooledSession] = PooledSession, **kwargs) -> PooledSession:
         return cls(self, self.model, self.processor, **kwargs)
@@ -284,8 +287,8 @@ class ConversationPool:
         return box["reply"]
 
     def run(self, jobs: list[Callable[[], T]]) -> list[T]:
-        """Run ``jobs`` on worker threads, decoding their turns here; their results in order (the first error of a
-        job is raised after all have ended)."""
+        """Run ``jobs`` on worker threads, decoding their turns here (or, called from a job, on the thread already
+        serving this pool); their results in order (the first error of a job is raised after all have ended)."""
         results: list = [None] * len(jobs)
         errors: dict[int, BaseException] = {}
 
@@ -298,6 +301,20 @@ class ConversationPool:
         threads = [threading.Thread(target=work, args=(i, job), daemon=True) for i, job in enumerate(jobs)]
         for t in threads:
             t.start()
+        if self._server not in (None, threading.get_ident()):  # nested: the serving thread decodes them
+            for t in threads:
+                t.join()
+        else:
+            self._server = threading.get_ident()
+            try:
+                self._serve(threads)
+            finally:
+                self._server = None
+        if errors:
+            raise errors[min(errors)]
+        return results
+
+    def _serve(self, threads: list[threading.Thread]) -> None:
         while True:
             while len(self.decoder) < self.max_batch:
                 try:
@@ -309,9 +326,6 @@ class ConversationPool:
                 self.decoder.step()
             elif self.requests.empty() and not any(t.is_alive() for t in threads):
                 break
-        if errors:
-            raise errors[min(errors)]
-        return results
 
     def _prefill(self, kwargs: dict, vision: dict) -> dict:
         """`prefill`, once for the identical first turns of several conversations (a group's rows share their
@@ -321,8 +335,7 @@ class ConversationPool:
         if self.max_batch == 1 or (cache is not None and cache.get_seq_length()):
             return prefill(self.model, kwargs, **vision)  # the session's cache is left as it was
         ids = kwargs["input_ids"]
-        if self._opening is not None:
-            ids0, vision0, state = self._opening
+        for ids0, vision0, state in self._openings:
             same = vision.keys() == vision0.keys() and all(
                 torch.equal(v, vision0[k]) if isinstance(v, torch.Tensor) else v == vision0[k]
                 for k, v in vision.items()
@@ -330,7 +343,7 @@ class ConversationPool:
             if same and torch.equal(ids, ids0):
                 return dict(state)
         state = prefill(self.model, kwargs, **vision)
-        self._opening = (ids, vision, state)
+        self._openings.append((ids, vision, state))
         return dict(state)
 
     def _admit(

@@ -35,9 +35,11 @@ Not for the losses, rewards, hints, prompts or sampling themselves: `keye.posttr
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +105,8 @@ class ToolsConfig:
     memory_mb: int = 1024  # sandbox address-space limit per process
     # Tells the model the turn format and the image_path variable
     system_prompt: str = TOOL_SYSTEM_PROMPT
-    # How many of a group's conversations decode in one batch (0: the whole group; 1: each alone, the same tokens)
+    # How many conversations decode in one batch (0: all of a micro-batch's, every prompt's group at once; 1: each
+    # alone, the same tokens)
     batch: int = 0
 
     def __post_init__(self):
@@ -114,7 +117,7 @@ class ToolsConfig:
         if self.timeout_s <= 0 or self.memory_mb <= 0:
             raise ConfigError("rl.tools", "timeout_s and memory_mb must be positive")
         if self.batch < 0:
-            raise ConfigError("rl.tools.batch", f"must be >= 0 (0: the whole group), got {self.batch}")
+            raise ConfigError("rl.tools.batch", f"must be >= 0 (0: all at once), got {self.batch}")
 
     def sandbox(self) -> SandboxConfig:
         return SandboxConfig(
@@ -373,19 +376,28 @@ class RLTrainer(PostTrainer):
         self._unwrapped().eval()  # sampling: no dropout
         max_level = HintLevel[rl.max_hint_level.upper()]
         batch = {"groups": [], "rewards": [], "successes": [], "levels": [], "replayed": 0, "stats": []}
+        items = []
         for _ in range(n_prompts):
-            self.position, (pid, messages, ref, hints) = self.stream.next(
-                self.position, acc.process_index, acc.num_processes
-            )
-            hinted = sample_with_hints(
+            self.position, item = self.stream.next(self.position, acc.process_index, acc.num_processes)
+            items.append(item)
+
+        def escalate(sample, messages, ref, hints):
+            return sample_with_hints(
                 messages,
                 hints if rl.hints else {},
-                self._sample,
-                lambda g, ref=ref: [float(self.success(t, ref)) for t in g.texts],
+                lambda m: sample(m, rl.group_size),
+                lambda g: [float(self.success(t, ref)) for t in g.texts],
                 max_level=max_level,
                 success_threshold=rl.success_threshold,
                 cumulative=rl.cumulative_hints,
             )
+
+        jobs = [functools.partial(escalate, messages=m, ref=ref, hints=h) for _, m, ref, h in items]
+        began = time.perf_counter()
+        hinted_groups = self.sampler.each_prompt(self._unwrapped(), self.processor, jobs)
+        batch["sample_s"] = time.perf_counter() - began
+        batch["groups_sampled"] = sum(len(h.tried) for h in hinted_groups)
+        for (pid, _, ref, _), hinted in zip(items, hinted_groups):
             rollout = hinted.group
             rewards = self._rewards(rollout, ref)
             batch["successes"].extend(hinted.rewards)
@@ -421,6 +433,8 @@ class RLTrainer(PostTrainer):
         for rollout, rewards in groups:
             adv = group_advantages(torch.tensor([rewards]))[0].to(acc.device)  # (G,)
             new = self.forward(lambda m, r=rollout: policy_logprobs(m, r))  # (G, R) with grad
+            if rollout.old_logps is None:  # not recorded when sampled: this first update is on-policy
+                rollout.old_logps = new.detach().float().cpu()
             loss, st = gspo_loss(
                 new,
                 rollout.old_logps.to(new.device),
@@ -456,6 +470,8 @@ class RLTrainer(PostTrainer):
             "groups_trained": sum(len(b["kept"]) for b in window),
             "replayed": sum(b["replayed"] for b in window),
             "response_len": sum(lengths) / len(lengths),
+            "sample_s": sum(b["sample_s"] for b in window),  # rollouts (every hint level), not the loss
+            "groups_sampled": sum(b["groups_sampled"] for b in window),
         }
         if stats:  # the last update's, when the rollouts served several
             stats = stats[-len(stats) // self.updates_per_step() :]

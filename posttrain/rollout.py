@@ -80,7 +80,8 @@ class GroupRollout:
     ``prompt``: the processor's output for the prompt (batch 1: ``input_ids`` (1, P), ``position_ids`` (3, 1, P), vision
     inputs); ``response_ids`` (G, R): sampled tokens, padded after the end-of-sequence token; ``response_mask`` (G, R):
     1 on each response's tokens up to and including its end-of-sequence token; ``old_logps`` (G, R): their log-probs
-    under the sampling policy at ``temperature`` (0 where masked); ``texts``: the decoded responses, special tokens and
+    under the sampling policy at ``temperature`` (0 where masked; None until the first, on-policy, update gives
+    them, when the sampler did not record them); ``texts``: the decoded responses, special tokens and
     the end-of-sequence token removed; ``messages``: the prompt messages sampled from (with any hint);
     ``temperatures`` (G, R): each token's sampling temperature when it varied within a response (GRPO-ATS), which
     then replaces ``temperature`` in `policy_logprobs`; ``ref_logps`` (G, R): the reference policy's, when GSPO's KL
@@ -90,7 +91,7 @@ class GroupRollout:
     prompt: BatchFeature
     response_ids: torch.Tensor
     response_mask: torch.Tensor
-    old_logps: torch.Tensor
+    old_logps: torch.Tensor | None
     texts: list[str]
     temperature: float
     messages: list[dict] = field(default_factory=list)
@@ -135,20 +136,21 @@ class GroupRollout:
 def policy_logprobs(model: KeyeForConditionalGeneration, rollout: GroupRollout) -> torch.Tensor:
     """The model's log-probs of a rollout's response tokens ``(G, R)`` (0 where masked), with grad when enabled.
 
-    One forward over prompt + responses; logits are computed only for the last R + 1 positions.
+    One forward over prompt + responses; logits are computed only where a response token is scored (not for the
+    prompt, padding, or tokens the mask leaves out, such as a Thyme conversation's sandbox output).
     """
     inputs = rollout.model_inputs(model.device)
-    r = rollout.response_ids.shape[1]
-    logits = model(**inputs, logits_to_keep=r + 1).logits  # (G, R+1, V): positions P-1 .. P+R-1
-    ids = inputs["input_ids"][:, -(r + 1) :]  # (G, R+1)
-    mask = torch.cat(
-        [torch.zeros_like(rollout.response_mask[:, :1]), rollout.response_mask], dim=1
-    )  # (G, R+1)
-    temperature = rollout.temperature
-    if rollout.temperatures is not None:
-        # (G, R) -> (G, R+1), aligned with ids; the first column is never read
-        temperature = torch.nn.functional.pad(rollout.temperatures, (1, 0), value=1.0)
-    return response_logprobs(logits, ids, mask.to(logits.device), temperature=temperature)[:, 1:]
+    mask = rollout.response_mask.bool().to(model.device)  # (G, R)
+    p = inputs["input_ids"].shape[1] - mask.shape[1]
+    keep = torch.nn.functional.pad(mask, (p - 1, 1), value=False)  # (G, P+R): the logits predicting them
+    logits = model(**inputs, logits_to_keep=keep).logits  # (N, V)
+    temperature = rollout.temperatures if rollout.temperatures is not None else rollout.temperature
+    if isinstance(temperature, torch.Tensor):
+        temps = temperature.to(model.device)[mask]  # (N,)
+    else:
+        temps = torch.full((logits.shape[0],), float(temperature), device=model.device)  # (N,)
+    lp = tempered_logprobs(logits, rollout.response_ids.to(model.device)[mask], temps)  # (N,)
+    return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)  # (G, R)
 
 
 def mask_after_eos(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:

@@ -12,8 +12,11 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+import torch
+
+from keye.chat import ConversationPool
 from keye.posttrain.ats import final_text, thyme_score
 from keye.posttrain.rewards import Reference
 from keye.posttrain.rollout import GroupRollout, sample_group
@@ -23,6 +26,10 @@ if TYPE_CHECKING:
     from keye.posttrain.rl import GSPOConfig
 
 __all__ = ["PlainSampler", "ToolSampler", "make_sampler"]
+
+T = TypeVar("T")
+# A prompt's sampling (e.g. its hint escalation), given ``sample(messages, g) -> group``
+PromptJob = Callable[[Callable[[list[dict], int], GroupRollout]], T]
 
 
 class PlainSampler:
@@ -46,6 +53,10 @@ class PlainSampler:
             **self.overrides,
         )
 
+    def each_prompt(self, model, processor, jobs: list[PromptJob]) -> list:
+        """Run each prompt's job with a ``sample(messages, g)`` of its own: here one prompt after another."""
+        return [job(lambda messages, g: self.group(model, processor, messages, g)) for job in jobs]
+
     def rewards(self, rollout: GroupRollout, reward, ref: Reference) -> list[float]:
         return [float(reward(t, ref)) for t in rollout.texts]
 
@@ -62,7 +73,31 @@ class ToolSampler(PlainSampler):
     """G tool conversations per prompt (text at ``rl.temperature``, code at ``rl.tools.code_temperature``), scored by
     Thyme's reward (kept in ``rollout.scores``); the step's first group goes to ``tool_traces.jsonl``."""
 
-    def group(self, model, processor, messages: list[dict], g: int) -> ToolGroupRollout:
+    def each_prompt(self, model, processor, jobs: list[PromptJob]) -> list:
+        """The prompts at once in one `ConversationPool`: every conversation in flight, whichever prompt and hint
+        level it belongs to, decodes in one batch (of at most ``rl.tools.batch``; 0: all of them). Each prompt's
+        groups draw their rows' seeds from a generator of its own (seeded here in prompt order), so the tokens do
+        not depend on which prompt's turns come first."""
+        batch = self.rl.tools.batch or len(jobs) * self.rl.group_size
+        pool = ConversationPool(model, processor, max_batch=batch)
+        seeds = torch.randint(0, 2**62, (len(jobs),)).tolist()
+
+        def bind(job: PromptJob, seed: int) -> Callable:
+            generator = torch.Generator().manual_seed(seed)
+            return lambda: job(lambda messages, g: self.group(model, processor, messages, g, pool, generator))
+
+        return pool.run([bind(job, seed) for job, seed in zip(jobs, seeds)])
+
+    def group(
+        self,
+        model,
+        processor,
+        messages: list[dict],
+        g: int,
+        pool: ConversationPool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ToolGroupRollout:
+        """One group (``old_logps`` left to the loss: the first update is on-policy)."""
         rl, tools = self.rl, self.rl.tools
         # The sandbox's images are processed as they come back: the folder can go with the group.
         with tempfile.TemporaryDirectory(prefix="keye-thyme-") as tmp:
@@ -81,6 +116,9 @@ class ToolSampler(PlainSampler):
                 think=rl.think,
                 autocast=self.autocast,
                 max_batch=tools.batch or None,
+                pool=pool,
+                generator=generator,
+                old_logps=False,
                 **self.overrides,
             )
 

@@ -223,7 +223,7 @@ def build_tool_group(
     pad_token_id: int,
     temperature: float,
 ) -> ToolGroupRollout:
-    """Lay G conversations out as one `ToolGroupRollout` (``old_logps`` zero: see `sample_tool_group`)."""
+    """Lay G conversations out as one `ToolGroupRollout` (``old_logps`` None: see `sample_tool_group`)."""
     first = conversations[0]
     p = first.prompt_length
     for c in conversations:
@@ -258,7 +258,7 @@ def build_tool_group(
         prompt=prompt,
         response_ids=ids,
         response_mask=mask,
-        old_logps=torch.zeros(g, r),
+        old_logps=None,
         texts=[c.trace.rounds[-1].text if c.trace.rounds else "" for c in conversations],
         temperature=temperature,
         messages=list(messages),
@@ -287,22 +287,28 @@ def sample_tool_group(
     think: bool | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     max_batch: int | None = None,
+    pool: ConversationPool | None = None,
+    generator: torch.Generator | None = None,
+    old_logps: bool = True,
     **video_overrides,
 ) -> ToolGroupRollout:
     """Sample ``group_size`` tool conversations to one prompt and score their model tokens under the policy.
 
     The conversations run together (`keye.chat.ConversationPool`): their turns decode in one batch of at most
     ``max_batch`` (default: the whole group; 1 generates each response alone, with the same tokens) and their
-    sandbox runs overlap. ``max_new_tokens`` is per model turn; the sandbox's output images go under ``out_dir``
-    (their pixels are processed when they come back, so the caller may delete the folder afterwards).
-    ``autocast``: the context the loss's forward runs in, so that old and new log-probs are computed alike. Each row
-    samples with its own generator, seeded from torch's global RNG.
+    sandbox runs overlap; in ``pool`` instead, when given (called from one of its jobs, the turns join the batch of
+    every other group in flight). ``max_new_tokens`` is per model turn; the sandbox's output images go under
+    ``out_dir`` (their pixels are processed when they come back, so the caller may delete the folder afterwards).
+    ``autocast``: the context the loss's forward runs in, so that old and new log-probs are computed alike;
+    ``old_logps=False`` leaves them unset (None) for a caller whose first update is on-policy (its loss's own
+    forward gives them). Each row samples with its own generator, seeded from ``generator`` (default: torch's
+    global RNG).
     """
     question, images = tool_prompt(messages)
     pad = processor.tokenizer.pad_token_id
     pad = pad if pad is not None else processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pool = ConversationPool(model, processor, max_batch=max_batch or group_size)
-    seeds = torch.randint(0, 2**62, (group_size,)).tolist()  # from the global RNG: seed it to repeat a group
+    pool = pool or ConversationPool(model, processor, max_batch=max_batch or group_size)
+    seeds = torch.randint(0, 2**62, (group_size,), generator=generator).tolist()  # seed it to repeat a group
     sessions = [
         pool.session(
             ToolSamplingSession,
@@ -331,8 +337,9 @@ def sample_tool_group(
     traces = pool.run(jobs)  # the rows' turns decode together; their sandbox runs overlap
     conversations = [s.conversation(t) for s, t in zip(sessions, traces)]
     rollout = build_tool_group(conversations, messages, pad_token_id=pad, temperature=temperature)
-    with autocast():
-        rollout.old_logps = policy_logprobs(model, rollout).float().cpu()  # (G, R), 0 off the model's tokens
+    if old_logps:
+        with autocast():
+            rollout.old_logps = policy_logprobs(model, rollout).float().cpu()  # (G, R), 0 off model tokens
     return rollout
 
 

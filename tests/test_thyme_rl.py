@@ -9,6 +9,8 @@ steps. Needs bubblewrap for the sandbox, like the sandbox tests.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 from pathlib import Path
@@ -334,6 +336,49 @@ def test_a_batched_group_equals_each_response_generated_alone(tiny, image, tmp_p
     assert [t.to_dict() for t in batched.traces] == [t.to_dict() for t in alone.traces]
 
 
+def test_the_prompts_of_a_step_decode_together_with_the_tokens_of_each_alone(tiny, image, monkeypatch):
+    """RL's `ToolSampler.each_prompt`: two prompts, each sampling two groups one after another (as a failed group
+    escalates its hint), their conversations in one pool. Turns of both prompts share decoding steps, and the
+    tokens are those of every response generated alone (``rl.tools.batch=1``), whichever prompt's turns came first;
+    the old log-probs are left to the loss (on-policy)."""
+    from keye.batching import BatchDecoder
+    from keye.posttrain.rl import GSPOConfig, ToolsConfig
+    from keye.posttrain.samplers import make_sampler
+
+    model, processor = tiny
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    monkeypatch.setattr(
+        ToolSamplingSession, "extra_logits_processors", lambda self, start: [EosBias(eos, 8.5)]
+    )
+    widest = []
+    step = BatchDecoder.step
+    monkeypatch.setattr(BatchDecoder, "step", lambda self: (widest.append(len(self)), step(self))[1])
+    questions = ["How wide is it?", "What colour is it?"]
+
+    def job(question, sample):
+        content = [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]
+        first = sample([{"role": "user", "content": content}], 3)
+        hinted = sample([{"role": "user", "content": [*content, {"type": "text", "text": "Crop it."}]}], 3)
+        return first, hinted
+
+    def run(batch: int):
+        rl = GSPOConfig(max_new_tokens=24, tools=ToolsConfig(enabled=True, max_rounds=1, batch=batch))
+        sampler = make_sampler(rl, {}, contextlib.nullcontext)
+        torch.manual_seed(3)
+        widest.clear()
+        groups = sampler.each_prompt(model, processor, [functools.partial(job, q) for q in questions])
+        return [g for pair in groups for g in pair], max(widest)
+
+    together, width = run(0)
+    alone, width_alone = run(1)
+    assert width > 3 and width_alone == 1  # more than one group's rows in a decoding step
+    for a, b in zip(together, alone):
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+        assert [t.to_dict() for t in a.traces] == [t.to_dict() for t in b.traces]
+        assert a.old_logps is None
+    assert not torch.equal(together[0].response_ids, together[2].response_ids)  # the prompts' own seeds
+
+
 class ForcedPooled(PooledSession):
     """A pooled turn that writes a fixed text (then whatever the model says): the same forcing as `Force`."""
 
@@ -410,7 +455,7 @@ def test_keye_rl_thyme_tiny_two_steps(tmp_path):
     assert all(math.isfinite(m["loss"]) and 0 <= m["reward_mean"] <= 2 for m in metrics)
     trained = [m for m in metrics if m["groups_trained"]]
     assert trained
-    # on-policy, the old log-probs (recomputed by the loss's own forward, same temperatures) give a ratio of exactly 1
+    # on-policy: the old log-probs are the first update's own forward (detached), a ratio of exactly 1
     assert all(abs(m["ratio_mean"] - 1) < 1e-5 and m["grad_norm"] > 0 for m in trained)
     from safetensors.torch import load_file
 
