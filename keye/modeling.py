@@ -275,7 +275,9 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         """``position_ids``: ``(3, B, T)`` M-RoPE ids, ``(4, B, T)`` with per-sample text positions first (packed
         training), ``(B, T)`` for text only, or None (text only, continuing after the cache).
         ``video_reference_index`` ``(frames,)``: each video frame's reference frame (`KeyeProcessor` returns it; only
-        a projector with a temporal branch reads it)."""
+        a projector with a temporal branch reads it). ``logits_to_keep``: 0 for every position, ``k`` for the last k,
+        or a ``(B, T)`` bool mask: logits ``(N, V)`` at its N true positions only (in row-major order; what a loss
+        over some tokens needs, e.g. RL's model turns, without the vocabulary-wide rows of the rest)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -320,7 +322,9 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[logits_to_keep.to(hidden_states.device)]  # (N, D)
+        elif logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
 

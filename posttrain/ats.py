@@ -78,7 +78,8 @@ def tempered_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: 
     with a vanishing gradient, as the limit of a point mass.
     """
     scaled = logits.float() / temperatures.clamp_min(GREEDY_FLOOR)[..., None].to(logits.device)
-    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    # the token's logit minus the log-normaliser: no vocabulary-wide log-softmax tensor (nor its copy for backward)
+    return scaled.gather(-1, tokens[..., None]).squeeze(-1) - scaled.logsumexp(dim=-1)
 
 
 def thyme_reward(result: float, consistency: float, format_ok: float) -> float:

@@ -39,6 +39,18 @@ def test_text_only_mrope_is_1d_rope(tiny_model):
     torch.testing.assert_close(a, c, atol=0, rtol=0)
 
 
+def test_logits_to_keep_a_mask_gives_the_rows_of_those_positions(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(0, 200, (2, 9))
+    keep = torch.rand(2, 9) > 0.5
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # (2, 9, V)
+        kept = model(input_ids=ids, logits_to_keep=keep).logits  # (N, V)
+        last = model(input_ids=ids, logits_to_keep=3).logits
+    torch.testing.assert_close(kept, full[keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(last, full[:, -3:], atol=1e-5, rtol=0)
+
+
 def test_packed_vision_attention_equals_separate(tiny_model):
     """Different-size images (one size twice) packed in one sequence give the same features as each run alone."""
     model = tiny_model()
