@@ -1,18 +1,17 @@
 """One Thyme RL step, the group's responses decoded one at a time vs together, side by side.
 
-``configs/posttrain/thyme-tiny.yaml`` as shipped (keye-tiny with LoRA, 2 prompts x 4 responses, up to 2 code rounds of
-96 tokens, hints escalating while a group fails), on the task ``keye posttrain-data`` writes, one step each, with
+``configs/posttrain/thyme-tiny.yaml`` as shipped (LoRA, 2 prompts x 4 responses, up to 2 code rounds of 256
+tokens a turn, hints escalating while a group fails), on the task ``keye posttrain-data`` writes, one step each, with
 ``rl.tools.batch=1`` (every response generated alone: what the recipe did before `keye.chat.ConversationPool`) and
-as shipped (the group decoded in one batch, sandbox runs overlapping). Both draw the same tokens (each row has its own
+as shipped (both prompts' groups decoded in one batch, sandbox runs overlapping). Both draw the same tokens (each row has its own
 seeded generator; `tests/test_thyme_rl.py` checks it), so they run the same hint levels and rounds; the figure is the
 trainer's own step time (rollouts, rewards, loss and update; held-out evaluation off).
 
-Measured here (2 cores, keye-tiny v1): 32.3 s alone, 21.4 s batched, ratio 0.66 (goal <= 0.25: not met). The
-recipe before batching (commit 4d3a4e2, HF generate per response) took 30.5 s on the same step. Why batching gains
-so little here: keye-tiny v1 writes no code and answers each turn in 1-10 tokens, so a group's cost is prefill and
-the full forward that scores the old log-probs (about 1 s of the 2.1 s a group takes), not decoding; the hints
-escalate through up to 5 levels per prompt, one group each, one after another. Sharing the group's prompt prefill
-(4 prefills -> 1) is most of the gain. Batching pays where turns are long, as when a model writes code.
+Measured here (2 cores, the v2 tool SFT export): each response alone 172.6 s (sampling 115.8 s), batched 115.7 s
+(sampling 60.3 s), ratio 0.67 (goal <= 0.25: not met). Batched sampling takes 0.52 of sampling alone: a decoding step of
+8 rows costs ~1.4x a step of one on 2 cores, and the batch needs as many steps as its longest conversation (two code
+turns at the 256-token cap and an answer, ~1,000 of the rows' ~2,700 tokens); the loss (forward and backward over
+the 8 rows, ~55 s) is the same both ways. ``sample_s`` and ``groups_sampled`` come from the trainer's metrics.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def measure(model: Path | str | None = None) -> dict:
         model = model or (SFT_MODEL if SFT_MODEL.exists() else "keye-tiny")
         alone = _step(tmp, prompts, "alone", f"model.path={model}", "rl.tools.batch=1")
         batched = _step(tmp, prompts, "batched", f"model.path={model}")
-    keys = ("time_s", "reward_mean", "code_rounds", "groups_trained")
+    keys = ("time_s", "sample_s", "groups_sampled", "response_len", "reward_mean", "code_rounds")
     return {
         "model": str(model),
         "alone": {k: alone.get(k) for k in keys},
