@@ -7,11 +7,11 @@ as shipped (both prompts' groups decoded in one batch, sandbox runs overlapping)
 seeded generator; `tests/test_thyme_rl.py` checks it), so they run the same hint levels and rounds; the figure is the
 trainer's own step time (rollouts, rewards, loss and update; held-out evaluation off).
 
-Measured here (2 cores, the v2 tool SFT export): each response alone 172.6 s (sampling 115.8 s), batched 115.7 s
-(sampling 60.3 s), ratio 0.67 (goal <= 0.25: not met). Batched sampling takes 0.52 of sampling alone: a decoding step of
+Measured here (2 cores, the v2 tool SFT export): each response alone 167.5 s (sampling 120.5 s), batched 110.6 s
+(sampling 64.6 s), ratio 0.66 (goal <= 0.25: not met). Batched sampling takes 0.54 of sampling alone: a decoding step of
 8 rows costs ~1.4x a step of one on 2 cores, and the batch needs as many steps as its longest conversation (two code
 turns at the 256-token cap and an answer, ~1,000 of the rows' ~2,700 tokens); the loss (forward and backward over
-the 8 rows, ~55 s) is the same both ways. ``sample_s`` and ``groups_sampled`` come from the trainer's metrics.
+the 8 rows, ~46 s) is the same both ways. ``sample_s`` and ``groups_sampled`` come from the trainer's metrics.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ old-policy log-probs of the sampled tokens at sampling time from the generation 
 importance ratio needs.
 
 `response_logprobs` turns a forward pass's logits into per-token log-probs of the response tokens, and
-`policy_logprobs` runs that forward pass for a `GroupRollout` (with grad, for the loss); both score tokens under the
+`policy_logprobs` scores a `GroupRollout` (with grad, for the loss: the prompt and its video run once, their KV cache
+shared by the G responses, gradients flowing back through it); both score tokens under the
 model's distribution at the sampling temperature, ``softmax(logits / temperature)``, without top-k/top-p truncation:
 the truncated sampler is an implementation detail of exploration, and the importance ratio compares policies. A
 rollout sampled with per-token temperatures (GRPO-ATS, `keye.posttrain.thyme`) carries them in
@@ -24,11 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import BatchFeature
+from transformers import BatchFeature, DynamicCache
 
+from keye.batching import cache_from_layers
 from keye.modeling import KeyeForConditionalGeneration
 from keye.posttrain.ats import tempered_logprobs
-from keye.processing import KeyeProcessor
+from keye.processing import VISION_INPUTS, KeyeProcessor
 
 __all__ = ["GroupRollout", "mask_after_eos", "policy_logprobs", "response_logprobs", "sample_group"]
 
@@ -106,21 +108,42 @@ class GroupRollout:
     def prompt_length(self) -> int:
         return self.prompt["input_ids"].shape[1]
 
-    def model_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Forward inputs for the G full sequences, prompt + response ``(G, P + R)``: ``input_ids``,
-        ``attention_mask`` (0 on padding after a response ends), ``position_ids`` (3, G, P + R), and the prompt's
-        vision inputs repeated once per sequence."""
+    def prompt_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The prompt alone ``(1, P)``: what `policy_logprobs` runs once for the whole group. Copies: the sampler may
+        have made them under ``torch.inference_mode``, and autograd keeps its inputs."""
+        keys = ("input_ids", "attention_mask", "position_ids", *VISION_INPUTS)
+        return {k: self.prompt[k].to(device, copy=True) for k in keys if k in self.prompt}
+
+    def response_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The responses, continuing from the prompt's KV cache: ``input_ids`` ``(G, R)``, ``attention_mask``
+        ``(G, P + R)`` (0 on padding after a response ends), ``position_ids`` ``(3, G, R)``; a subclass adds the
+        vision inputs inside the responses."""
         g, r = self.response_ids.shape
-        ids = self.prompt["input_ids"]  # (1, P)
         pos = self.prompt["position_ids"]  # (3, 1, P)
         # Generated tokens continue after the prompt's last position, as generate() placed them.
         tail = pos[:, :, -1:] + torch.arange(1, r + 1, dtype=pos.dtype)  # (3, 1, R)
         inputs = {
-            "input_ids": torch.cat([ids.expand(g, -1), self.response_ids.to(ids.device)], dim=1),  # (G, P+R)
+            "input_ids": self.response_ids,
             "attention_mask": torch.cat(
-                [self.prompt["attention_mask"].expand(g, -1), self.response_mask.to(ids.dtype)], dim=1
+                [self.prompt["attention_mask"].expand(g, -1), self.response_mask.to(pos.dtype)], dim=1
             ),  # (G, P+R)
-            "position_ids": torch.cat([pos, tail], dim=2).expand(-1, g, -1).contiguous(),  # (3, G, P+R)
+            "position_ids": tail.expand(-1, g, -1).contiguous(),  # (3, G, R)
+        }
+        return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+
+    def model_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Forward inputs for the G full sequences, prompt + response ``(G, P + R)``: ``input_ids``,
+        ``attention_mask``, ``position_ids`` (3, G, P + R), and the prompt's vision inputs repeated once per
+        sequence (what `policy_logprobs` runs under gradient checkpointing, and the reference it is tested
+        against)."""
+        g = self.group_size
+        response = self.response_inputs()
+        inputs = {
+            "input_ids": torch.cat([self.prompt["input_ids"].expand(g, -1), response["input_ids"]], dim=1),
+            "attention_mask": response["attention_mask"],
+            "position_ids": torch.cat(
+                [self.prompt["position_ids"].expand(-1, g, -1), response["position_ids"]], dim=2
+            ),  # (3, G, P+R)
         }
         for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
             if pixels in self.prompt:
@@ -136,21 +159,38 @@ class GroupRollout:
 def policy_logprobs(model: KeyeForConditionalGeneration, rollout: GroupRollout) -> torch.Tensor:
     """The model's log-probs of a rollout's response tokens ``(G, R)`` (0 where masked), with grad when enabled.
 
-    One forward over prompt + responses; logits are computed only where a response token is scored (not for the
-    prompt, padding, or tokens the mask leaves out, such as a Thyme conversation's sandbox output).
+    The prompt (its vision inputs too) runs once and its KV cache serves all G responses: the same causal attention
+    as G full sequences, with gradients flowing into the prompt's pass through every response that reads it. Under
+    gradient checkpointing, which cannot carry a cache, G full sequences instead. Logits are computed only where a
+    response token is scored (not for the prompt, padding, or tokens the mask leaves out, such as a Thyme
+    conversation's sandbox output).
     """
-    inputs = rollout.model_inputs(model.device)
-    mask = rollout.response_mask.bool().to(model.device)  # (G, R)
-    p = inputs["input_ids"].shape[1] - mask.shape[1]
-    keep = torch.nn.functional.pad(mask, (p - 1, 1), value=False)  # (G, P+R): the logits predicting them
-    logits = model(**inputs, logits_to_keep=keep).logits  # (N, V)
-    temperature = rollout.temperatures if rollout.temperatures is not None else rollout.temperature
-    if isinstance(temperature, torch.Tensor):
-        temps = temperature.to(model.device)[mask]  # (N,)
-    else:
-        temps = torch.full((logits.shape[0],), float(temperature), device=model.device)  # (N,)
-    lp = tempered_logprobs(logits, rollout.response_ids.to(model.device)[mask], temps)  # (N,)
-    return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)  # (G, R)
+    device = model.device
+    mask = rollout.response_mask.bool().to(device)  # (G, R)
+    g, r = mask.shape
+    ids = rollout.response_ids.to(device)  # (G, R)
+    temps = rollout.temperatures
+    temps = (temps if temps is not None else torch.tensor(float(rollout.temperature))).to(device).expand(g, r)
+    if model.is_activation_checkpointing:
+        inputs = rollout.model_inputs(device)
+        keep = torch.nn.functional.pad(mask, (rollout.prompt_length - 1, 1), value=False)  # (G, P+R)
+        lp = tempered_logprobs(model(**inputs, logits_to_keep=keep).logits, ids[mask], temps[mask])  # (N,)
+        return torch.zeros(mask.shape, dtype=lp.dtype, device=device).masked_scatter(mask, lp)
+    cache = DynamicCache(config=model.config.text_config)
+    first = model(**rollout.prompt_inputs(device), cache=cache, use_cache=True, logits_to_keep=1).logits[0]
+    layers = [
+        (layer.keys.expand(g, -1, -1, -1), layer.values.expand(g, -1, -1, -1)) for layer in cache.layers
+    ]
+    later = mask[:, 1:]  # (G, R-1): the tokens the responses' own positions predict
+    keep = torch.nn.functional.pad(later, (0, 1), value=False)  # (G, R)
+    shared = cache_from_layers(model, layers)  # the prompt's keys and values, one view per response
+    logits = model(
+        **rollout.response_inputs(device), cache=shared, use_cache=True, logits_to_keep=keep
+    ).logits
+    lp0 = tempered_logprobs(first.expand(g, -1), ids[:, 0], temps[:, 0])  # (G,): from the prompt's last logit
+    rest = tempered_logprobs(logits, ids[:, 1:][later], temps[:, 1:][later])  # (N,)
+    out = torch.zeros(g, r - 1, dtype=rest.dtype, device=device).masked_scatter(later, rest)
+    return torch.cat([torch.where(mask[:, 0], lp0, 0.0)[:, None], out], dim=1)  # (G, R)
 
 
 def mask_after_eos(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:

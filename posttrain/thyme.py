@@ -190,30 +190,45 @@ class ToolGroupRollout(GroupRollout):
     traces: list[ToolTrace] = field(default_factory=list)
     scores: list[ThymeScore] = field(default_factory=list)
 
+    def response_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The responses after the prompt's KV cache, ``(G, R)``, with the sandbox images of all rows in row order
+        (the order in which the model fills their image slots)."""
+        prompt_attention = self.prompt["attention_mask"].expand(self.group_size, -1)  # (G, P)
+        inputs = {
+            "input_ids": self.response_ids,  # (G, R)
+            "attention_mask": torch.cat(
+                [prompt_attention, self.attention_mask.to(prompt_attention.dtype)], 1
+            ),
+            "position_ids": self.response_position_ids,  # (3, G, R)
+            **_vision([v for row in self.response_vision for v in row]),
+        }
+        return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+
     def model_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Forward inputs ``(G, P + R)``; the image inputs of all rows in row order (each row: the prompt's images,
         then its sandbox images), the order in which the model fills the image slots."""
         g = self.group_size
-        prompt_ids, prompt_attention = self.prompt["input_ids"], self.prompt["attention_mask"]  # (1, P)
-        inputs = {
-            "input_ids": torch.cat([prompt_ids.expand(g, -1), self.response_ids], dim=1),  # (G, P+R)
-            "attention_mask": torch.cat(
-                [prompt_attention.expand(g, -1), self.attention_mask.to(prompt_attention.dtype)], dim=1
-            ),  # (G, P+R)
-            "position_ids": torch.cat(
-                [self.prompt["position_ids"].expand(-1, g, -1), self.response_position_ids], dim=2
-            ).contiguous(),  # (3, G, P+R)
-        }
-        pixels, grids = [], []
+        response = self.response_inputs()
         prompt_vision = [self.prompt] if "pixel_values" in self.prompt else []
-        for row in range(g):
-            for vision in prompt_vision + self.response_vision[row]:
-                pixels.append(vision["pixel_values"])  # (N_i, 3*14*14)
-                grids.append(vision["image_grid_thw"])  # (images_i, 3)
-        if pixels:
-            inputs["pixel_values"] = torch.cat(pixels)  # (sum N_i, 3*14*14)
-            inputs["image_grid_thw"] = torch.cat(grids)  # (images, 3)
+        inputs = {
+            "input_ids": torch.cat([self.prompt["input_ids"].expand(g, -1), response["input_ids"]], dim=1),
+            "attention_mask": response["attention_mask"],  # (G, P+R)
+            "position_ids": torch.cat(
+                [self.prompt["position_ids"].expand(-1, g, -1), response["position_ids"]], dim=2
+            ).contiguous(),  # (3, G, P+R)
+            **_vision([v for row in self.response_vision for v in prompt_vision + row]),
+        }
         return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+
+
+def _vision(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Image inputs concatenated in order: ``pixel_values`` (sum N_i, 3*14*14), ``image_grid_thw`` (images, 3)."""
+    if not items:
+        return {}
+    return {
+        "pixel_values": torch.cat([v["pixel_values"] for v in items]),
+        "image_grid_thw": torch.cat([v["image_grid_thw"] for v in items]),
+    }
 
 
 def build_tool_group(
