@@ -510,3 +510,35 @@ def test_evaluate_tools_scores_answers_format_and_rounds_per_type(tmp_path, monk
     assert result["well_formed_by_qtype"] == {"measure": 0.0, "spot": 1.0, "zoom": 1.0}
     assert result["well_formed"] == pytest.approx(2 / 3) and result["median_code_rounds"] == 1
     assert len(result["traces"]) == 3 and seen[0]["max_rounds"] == 2
+
+
+@needs_bwrap
+def test_keye_posttrain_eval_tools_prints_both_sides_and_writes_the_traces(tiny, tmp_path, capsys):
+    """The CLI as the README runs it (`keye posttrain-eval --tools`), on a saved tiny random model: one JSON line
+    with the tool loop's accuracy, well-formed share and rounds beside the no-tools accuracy, and every
+    conversation in ``--traces``."""
+    from keye.cli import main
+    from keye.posttrain.rl import write_rl_prompts
+    from keye.posttrain.tooltask import write_tool_task
+
+    model, processor = tiny
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    manifest = write_rl_prompts(write_tool_task(tmp_path / "task", n=2, size=56), tmp_path / "held.jsonl")
+    traces = tmp_path / "traces.jsonl"
+    capsys.readouterr()
+    status = main(["posttrain-eval", "--model", str(folder), "--manifest", str(manifest), "--tools",
+                   "--verifier", "normalized", "--n", "2", "--max-new-tokens", "8", "--traces", str(traces)])  # fmt: skip
+    assert status == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(line)
+    assert result["tools"]["n"] == result["no_tools"]["n"] == 2
+    assert 0 <= result["tools"]["well_formed"] <= 1 and "median_code_rounds" in result["tools"]
+    assert set(result["tools"]["by_qtype"]) == set(result["no_tools"]["by_qtype"])
+    assert [json.loads(x)["question"] for x in traces.read_text().splitlines()] == [
+        m["content"][-1]["text"]
+        for x in manifest.read_text().splitlines()
+        for m in json.loads(x)["messages"]
+        if m["role"] == "user"
+    ]
