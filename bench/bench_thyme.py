@@ -3,8 +3,8 @@
 ``configs/posttrain/thyme-tiny.yaml`` as shipped (LoRA, 2 prompts x 4 responses, up to 2 code rounds of 256
 tokens a turn, hints escalating while a group fails), on the task ``keye posttrain-data`` writes, one step each, with
 ``rl.tools.batch=1`` (every response generated alone: what the recipe did before `keye.chat.ConversationPool`) and
-as shipped (both prompts' groups decoded in one batch, sandbox runs overlapping). Both draw the same tokens (each row has its own
-seeded generator; `tests/test_thyme_rl.py` checks it), so they run the same hint levels and rounds; the figure is the
+as shipped (both prompts' groups decoded in one batch, sandbox runs overlapping). Both draw the same tokens (each
+row has its own seeded generator; `tests/test_thyme_rl.py` checks it), so they run the same hint levels and rounds; the figure is the
 trainer's own step time (rollouts, rewards, loss and update; held-out evaluation off).
 
 Measured here (2 cores, the v2 tool SFT export): each response alone 167.5 s (sampling 120.5 s), batched 110.6 s

@@ -3,9 +3,9 @@
 `write_tool_task` writes the task, its question types in turn: ``spot`` (the colour of a small shape in one corner of
 a large image, a third of a vision token at keye-tiny's input resolution: crop and enlarge), ``measure`` (the width in
 pixels of a coloured rectangle: count columns with numpy) and ``zoom`` (a word or digit of the generator's on-screen
-text printed too small to read in one corner of a large image: crop that corner at full resolution and read it); answers are one word or a number (the
-``normalized`` verifier scores both), with per-question hints (concept, strategy, the tool call, the solution) for
-``keye rl``'s hint escalation.
+text printed too small to read in one corner of a large image: crop that corner at full resolution and read it);
+answers are one word or a number (the ``normalized`` verifier scores both), with per-question hints (concept,
+strategy, the tool call, the solution) for ``keye rl``'s hint escalation.
 
 `write_tool_sft` turns the same kind of samples into tool-use SFT conversations: for each, the Thyme loop
 (`keye.tools.loop.run_tool_loop`, the real sandbox) runs a scripted model that thinks, writes the code of the hint,
@@ -92,7 +92,8 @@ def _zoom_sample(rng: np.random.Generator, size: int):
               stroke_fill=ink)  # fmt: skip
     question = f"A small word or digit is printed in the {corner} corner of the image. What is it? Answer with one word."
     hints = {
-        "concept": "The text is too small to read at this size; a crop of that corner at full resolution makes it legible.",
+        "concept": "The text is too small to read at this size; "
+        "a crop of that corner at full resolution makes it legible.",
         "strategy": f"Crop the {corner} corner of the image, enlarge it, and read the text in the enlarged image.",
         "tool": _crop_code(corner, 8, f"({size}, {size})"),
         "solution": f"The answer is {text}.",

@@ -528,8 +528,8 @@ def test_keye_posttrain_eval_tools_prints_both_sides_and_writes_the_traces(tiny,
     manifest = write_rl_prompts(write_tool_task(tmp_path / "task", n=2, size=56), tmp_path / "held.jsonl")
     traces = tmp_path / "traces.jsonl"
     capsys.readouterr()
-    status = main(["posttrain-eval", "--model", str(folder), "--manifest", str(manifest), "--tools",
-                   "--verifier", "normalized", "--n", "2", "--max-new-tokens", "8", "--traces", str(traces)])  # fmt: skip
+    status = main(["posttrain-eval", "--model", str(folder), "--manifest", str(manifest), "--tools", "--verifier",
+                   "normalized", "--n", "2", "--max-new-tokens", "8", "--traces", str(traces)])  # fmt: skip
     assert status == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     result = json.loads(line)
