@@ -94,7 +94,7 @@ def _zoom_sample(rng: np.random.Generator, size: int):
     hints = {
         "concept": "The text is too small to read at this size; "
         "a crop of that corner at full resolution makes it legible.",
-        "strategy": f"Crop the {corner} corner of the image, enlarge it, and read the text in the enlarged image.",
+        "strategy": f"Crop the {corner} corner of the image at full resolution and read the text in the crop.",
         "tool": _crop_code(corner, 8, f"({size}, {size})"),
         "solution": f"The answer is {text}.",
     }

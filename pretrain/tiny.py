@@ -14,7 +14,8 @@
               first (a curriculum), then the multi-task mix, then annealing
     stage 4-5 keye-tiny v2, the generator's defaults (`V2_DATA`: up to four smaller shapes, on-screen text; data under
               ``<data>/v2``): stage4{,_motion}_tiny.yaml as Stage 0 again from Stage 0's tower, tokens on the text
-              also learning its word; stage5_tiny.yaml a fresh LoRA on the v2 mix with a share of the first regime
+              also learning its word and background tokens their frame's count word, the first regime's media
+              trained on too; stage5_tiny.yaml a fresh LoRA on the v2 mix with a share of the first regime
     asset     the stages' delta files composed into one (vision tower, projector, new token rows, LoRA factors: no
               SmolLM2 weight) -> keye/assets/keye-tiny.safetensors (``--asset`` elsewhere)
     eval      `evaluate_open`: open-ended accuracy per question type on a seed never trained on, at keye-tiny's first

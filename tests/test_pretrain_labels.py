@@ -349,3 +349,58 @@ def test_tokens_on_the_on_screen_text_learn_its_word():
     torch.testing.assert_close(got[3 * 4 + 2], word("key"))
     torch.testing.assert_close(got[3 * 4 + 1], (word("red") + word("square") + word("key")) / 3)
     torch.testing.assert_close(got[0], word("navy"))
+
+
+def test_background_tokens_learn_their_frames_count():
+    """With ``count`` a frame's background tokens also hold its count word ("two"), its object and text tokens do not;
+    the readout loss is low when every background token is its target and high when they say another count."""
+    from keye.pretrain.labels import _count_labels, _readout_loss
+    from keye.pretrained import load_pretrained
+
+    objs = [
+        SceneObject("square", "red", 20, (14.0, 14.0), (14.0, 14.0)),
+        SceneObject("star", "blue", 20, (98.0, 14.0), (98.0, 14.0)),
+    ]
+    spec = VideoSpec((112, 112), 8.0, 4, [Scene(0, 4, "navy", objs, None, "key", (40, 88, 72, 108), 20)])
+    t = token_targets(spec, 0, (4, 4), min_share=0.2)
+    batch = {**t, "count": t["count"][None], "frame_of": torch.zeros(16, dtype=torch.long)}
+    model, processor = load_pretrained("keye-tiny")
+    counted = WordTargets(model, processor.tokenizer, count=True)
+    plain = WordTargets(model, processor.tokenizer)
+    table = model.get_input_embeddings().weight.detach().float()
+
+    def word(w):
+        return table[processor.tokenizer.encode(w, add_special_tokens=False)].mean(0)
+
+    got, before = counted(batch), plain(batch)
+    labels = _count_labels(batch)
+    background = [5, 6, 9, 10]  # the middle: no shape, no text
+    assert (labels[background] == 2).all() and labels[0] == labels[3] == labels[14] == -1
+    assert set(labels.tolist()) == {-1, 2}
+    torch.testing.assert_close(got[5], (word("navy") + word("two")) / 2)
+    on = labels < 0  # the shapes' and the text's tokens are unchanged
+    torch.testing.assert_close(got[on], before[on])
+    right = _readout_loss(got, labels, counted.counts)
+    wrong = _readout_loss(torch.where((labels >= 0)[:, None], word("four"), got), labels, counted.counts)
+    assert right < 1.0 < wrong
+
+
+def test_a_counting_label_phase_reads_out_the_count_and_trains_on_more_folders(tmp_path):
+    """Stage 4 as shipped (``count``, ``also``): the media of ``also`` join the training ones, the held-out report
+    scores the background tokens' count word."""
+    _media(tmp_path, "image", 3)
+    _media(tmp_path / "more", "image", 2)
+    trainer = _phase(
+        tmp_path,
+        "stage4_tiny",
+        f"labels.also=[{tmp_path / 'more'}]",
+        "labels.image_steps=0",
+        "labels.images=null",
+        "labels.batch=2",
+        "labels.held_out=1",
+        "max_steps=2",
+    )
+    assert len(trainer.stream["train"]) == 2 + 2 and trainer.targets.count
+    assert len([m["loss"] for m in trainer.train()]) == 2
+    scores = json.loads((trainer.export() / "eval.json").read_text())
+    assert 0 <= scores["word_count"] <= 100
