@@ -78,13 +78,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_COUNT = 4
-COUNT_WORDS = (
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-)  # a frame's count, in the words its background tokens hold
+# a frame's count, in the words its background tokens hold
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
 _EXAMPLES_VERSION = 2  # 2: on-screen text targets
 
 
@@ -109,9 +104,8 @@ class LabelObjective:
     # ``count_readout``'s weight (`_readout_loss`): the LLM reads a count off a token as it reads a colour.
     count: bool = False
     count_readout: float = 0.2
-    also: list[str] = field(
-        default_factory=list
-    )  # more media folders (as ``data``) trained on, none held out
+    # more media folders (as ``data``) trained on, none held out
+    also: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.batch < 1 or self.held_out < 0 or self.image_steps < 0:
@@ -307,11 +301,6 @@ def _collate(examples: list[dict]) -> dict:
     return out
 
 
-def _token_count(batch: dict) -> torch.Tensor:
-    """Each merged token's frame count ``(T,)`` (class ids, as ``batch["count"]`` per frame)."""
-    return batch["count"][batch["frame_of"]]
-
-
 def _xy(batch: dict) -> torch.Tensor:
     return batch["xy"] if "xy" in batch else token_xy(batch["grid_thw"])
 
@@ -360,14 +349,14 @@ class WordTargets:
         if "text" in batch:  # a token on the on-screen text also holds its word
             on_text = (batch["text"] >= 0)[:, None]
             words, n = words + on_text * self.texts[batch["text"].clamp(min=0)], n + on_text
-        empty = (
-            n == 0
-        )  # nothing else under the token: the background (and, with ``count``, the frame's count)
-        words = torch.where(empty, self.backgrounds[batch["background"]], words)
+        words = torch.where(
+            n > 0, words, self.backgrounds[batch["background"]]
+        )  # nothing else: the background
         n = n.clamp(min=1)
-        if self.count:
-            words = words + empty * self.counts[_token_count(batch)]
-            n = n + empty
+        if self.count:  # background tokens also hold their frame's count
+            counted = _count_labels(batch)
+            on = (counted >= 0)[:, None]
+            words, n = words + on * self.counts[counted.clamp(min=0)], n + on
         if self.motion and "motion" in batch:
             moving = (batch["motion"] >= 0)[:, None]
             words = words + moving * self.directions[batch["motion"].clamp(min=0)]
@@ -410,11 +399,7 @@ def _loss(out, batch: dict, targets: WordTargets, count_readout: float = 0.0) ->
         + F.cross_entropy(count, batch["count"])
         + shape
         + align
-        + (
-            count_readout * _readout_loss(projected, _count_labels(batch), targets.counts)
-            if targets.count
-            else 0.0
-        )
+        + _count_readout(projected, batch, targets, count_readout)
     )
 
 
@@ -480,22 +465,24 @@ def evaluate(
         word_readout(projected, batch["multi"], targets, nc, batch.get("motion") if temporal else None)
     )
     if targets.count:  # background tokens' nearest count word
-        labels = _count_labels(batch)
-        on = labels >= 0
-        near = F.normalize(projected[on].float(), dim=-1) @ F.normalize(targets.counts, dim=-1).T
-        result["word_count"] = (
-            float((near.argmax(1) == labels[on]).float().mean()) if on.any() else float("nan")
-        )
-    on_text = batch["text"] >= 0
-    if on_text.any():  # the nearest text word of the tokens on text
-        near = F.normalize(projected[on_text].float(), dim=-1) @ F.normalize(targets.texts, dim=-1).T
-        result["word_text"] = float((near.argmax(1) == batch["text"][on_text]).float().mean())
+        result["word_count"] = _nearest_word(projected, _count_labels(batch), targets.counts)
+    if (batch["text"] >= 0).any():  # the nearest text word of the tokens on text
+        result["word_text"] = _nearest_word(projected, batch["text"], targets.texts)
     if targets.position:  # the place the tokens say against the true one (off-centre tokens)
         said = (projected.float() - projected.float().mean(0)) @ targets.axes.T
         xy = _xy(batch)
         off = xy.abs() >= 0.25
         result["word_position"] = float((said.sign() == xy.sign())[off].float().mean())
     return {k: round(100 * v, 2) for k, v in result.items()}
+
+
+def _nearest_word(projected: torch.Tensor, labels: torch.Tensor, words: torch.Tensor) -> float:
+    """Over the labelled tokens (``labels`` -1: none), how often the nearest of ``words`` by cosine is the label."""
+    on = labels >= 0
+    if not on.any():
+        return float("nan")
+    near = F.normalize(projected[on].float(), dim=-1) @ F.normalize(words, dim=-1).T
+    return float((near.argmax(1) == labels[on]).float().mean())
 
 
 def _readout_loss(projected: torch.Tensor, labels: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -514,7 +501,14 @@ def _count_labels(batch: dict) -> torch.Tensor:
     empty = batch["multi"].sum(1) == 0
     if "text" in batch:
         empty &= batch["text"] < 0
-    return torch.where(empty, _token_count(batch), -1)
+    return torch.where(empty, batch["count"][batch["frame_of"]], -1)
+
+
+def _count_readout(projected: torch.Tensor, batch: dict, targets: WordTargets, weight: float):
+    """The count word's readout loss with ``weight`` (`_readout_loss` over `_count_labels`); 0 without ``count``."""
+    if not (targets.count and weight):
+        return 0.0
+    return weight * _readout_loss(projected, _count_labels(batch), targets.counts)
 
 
 def _motion_loss(
@@ -531,9 +525,7 @@ def _motion_loss(
     loss = (projected - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
     if readout:
         loss = loss + readout * _readout_loss(projected, batch["motion"], targets.directions)
-    if targets.count and count_readout:
-        loss = loss + count_readout * _readout_loss(projected, _count_labels(batch), targets.counts)
-    return loss
+    return loss + _count_readout(projected, batch, targets, count_readout)
 
 
 def cached_examples(folder: Path, processor, min_share: float) -> list[dict]:
