@@ -9,15 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keye.pretrain.labels import (
-    LabelHeads,
-    WordTargets,
-    _collate,
-    _forward,
-    _loss,
-    prepare_examples,
-    token_targets,
-)
+from keye.pretrain.label_examples import collate, prepare_examples, token_targets
+from keye.pretrain.labels import LabelHeads, WordTargets, _forward, _loss
 from keye.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -101,7 +94,7 @@ def test_a_few_steps_on_the_labels_lower_the_loss(tmp_path):
     targets = WordTargets(model, processor.tokenizer)
     params = [*model.vision.parameters(), *model.projector.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=3e-3)
-    batch = _collate(examples)
+    batch = collate(examples)
     losses = []
     for _ in range(8):
         loss = _loss(_forward(model, heads, batch), batch, targets)
@@ -131,12 +124,13 @@ def test_word_targets_are_the_label_words_embeddings():
 
 
 def test_word_readout_of_exact_targets_is_perfect_and_of_swapped_shapes_is_not():
-    from keye.pretrain.labels import _vocab, word_readout
+    from keye.pretrain.label_examples import label_vocab
+    from keye.pretrain.labels import word_readout
     from keye.pretrained import load_pretrained
 
     model, processor = load_pretrained("keye-tiny")
     targets = WordTargets(model, processor.tokenizer)
-    colours, shapes, pairs, _ = _vocab()
+    colours, shapes, pairs, _ = label_vocab()
     nc, ns = len(colours), len(shapes)
     multi = torch.zeros(nc * ns, nc + ns + len(pairs))
     for k in range(nc * ns):  # every colour-shape pair once
@@ -152,7 +146,8 @@ def test_word_readout_of_exact_targets_is_perfect_and_of_swapped_shapes_is_not()
 
 
 def test_position_targets_say_where_each_token_is():
-    from keye.pretrain.labels import token_xy, word_readout
+    from keye.pretrain.label_examples import token_xy
+    from keye.pretrain.labels import word_readout
     from keye.pretrained import load_pretrained
 
     xy = token_xy(torch.tensor([[1, 4, 4], [1, 2, 6]]))  # a 2x2-token frame, then a 1x3-token frame
@@ -193,7 +188,7 @@ def test_position_targets_say_where_each_token_is():
 
 
 def test_frame_motion_needs_a_reference_in_the_same_moving_scene():
-    from keye.pretrain.labels import frame_motion
+    from keye.pretrain.label_examples import frame_motion
     from keye.synthetic import DIRECTIONS
 
     moving = [SceneObject("square", "red", 20, (30.0, 50.0), (80.0, 50.0))]
@@ -330,14 +325,14 @@ def test_a_resumed_label_phase_draws_the_same_media(tmp_path):
 def test_tokens_on_the_on_screen_text_learn_its_word():
     """A token holding a share of the text's box is labelled with the text (the head's class and, in the projector's
     target, the word itself: alone on a token without shapes, beside the shapes' words on one with them)."""
-    from keye.pretrain.labels import _texts
+    from keye.pretrain.label_examples import text_vocab
     from keye.pretrained import load_pretrained
 
     objs = [SceneObject("square", "red", 20, (42.0, 98.0), (42.0, 98.0))]  # under the text's left half
     spec = VideoSpec((112, 112), 8.0, 4, [Scene(0, 4, "navy", objs, None, "key", (40, 88, 72, 108), 20)])
     t = token_targets(spec, 0, (4, 4), min_share=0.2)
     text = t["text"].view(4, 4)
-    assert text[3, 1] == text[3, 2] == _texts().index("key")
+    assert text[3, 1] == text[3, 2] == text_vocab().index("key")
     assert (text >= 0).sum() == 2  # nowhere else
     model, processor = load_pretrained("keye-tiny")
     got = WordTargets(model, processor.tokenizer)(t)
