@@ -7,11 +7,13 @@ as shipped (both prompts' groups decoded in one batch, sandbox runs overlapping)
 row has its own seeded generator; `tests/test_thyme_rl.py` checks it), so they run the same hint levels and rounds; the figure is the
 trainer's own step time (rollouts, rewards, loss and update; held-out evaluation off).
 
-Measured here (2 cores, the v2 tool SFT export): each response alone 167.5 s (sampling 120.5 s), batched 110.6 s
-(sampling 64.6 s), ratio 0.66 (goal <= 0.25: not met). Batched sampling takes 0.54 of sampling alone: a decoding step of
-8 rows costs ~1.4x a step of one on 2 cores, and the batch needs as many steps as its longest conversation (two code
-turns at the 256-token cap and an answer, ~1,000 of the rows' ~2,700 tokens); the loss (forward and backward over
-the 8 rows, ~46 s) is the same both ways. ``sample_s`` and ``groups_sampled`` come from the trainer's metrics.
+Measured here (2 cores): from the shipped v2's tool SFT, each response alone 175.2 s (sampling 155.8 s), batched
+100.6 s (sampling 82.0 s), ratio 0.57; from the first v2 file's SFT 167.5 and 110.6 s, 0.66 (goal <= 0.25: not met).
+Batched sampling takes 0.5 of sampling alone: a decoding step of 8 rows costs ~1.4x a step of one on 2 cores, and
+the batch needs as many steps as its longest conversation (first measurement: two code turns at the 256-token cap
+and an answer, ~1,000 of the rows' ~2,700 tokens); the loss (forward and backward over the 8 rows, 19-46 s) is the
+same both ways.
+``sample_s`` and ``groups_sampled`` come from the trainer's metrics.
 """
 
 from __future__ import annotations
