@@ -208,17 +208,19 @@ def _peak_rss_growth(fn):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_streaming_memory_is_bounded(tmp_path, backend):
-    # 150 frames of 480x640 are 138 MB at native size; consumed one at a time, a few of them are alive at once.
+    # 300 frames of 480x640 are 276 MB at native size; consumed one at a time, a few of them are alive at once.
     yy, xx = np.mgrid[0:480, 0:640]
     patterns = [
         np.stack([(xx + 8 * i) % 256, (yy + 4 * i) % 256, (xx + yy + i) % 256], -1).astype(np.uint8)
         for i in range(10)
     ]
-    path = write_video(tmp_path / "long.mp4", (patterns[i % 10] for i in range(150)), fps=30, codec="mpeg4")
+    path = write_video(tmp_path / "long.mp4", (patterns[i % 10] for i in range(300)), fps=30, codec="mpeg4")
     del patterns
-    count, growth = _peak_rss_growth(lambda: sum(1 for _ in decode(path, range(150), backend=backend)))
-    assert count == 150
-    assert growth < 70e6, f"resident memory grew {growth / 1e6:.0f} MB while streaming 138 MB of frames"
+    # the backend's first use (its libraries, the decoder's buffer pools) is not what streaming keeps
+    assert sum(1 for _ in decode(path, range(20), backend=backend)) == 20
+    count, growth = _peak_rss_growth(lambda: sum(1 for _ in decode(path, range(300), backend=backend)))
+    assert count == 300
+    assert growth < 70e6, f"resident memory grew {growth / 1e6:.0f} MB while streaming 276 MB of frames"
 
 
 # ----------------------------------------------------------------------------------------------------------------
