@@ -12,8 +12,7 @@ Measured here (2 cores): from the shipped v2's tool SFT, each response alone 175
 Batched sampling takes 0.5 of sampling alone: a decoding step of 8 rows costs ~1.4x a step of one on 2 cores, and
 the batch needs as many steps as its longest conversation (first measurement: two code turns at the 256-token cap
 and an answer, ~1,000 of the rows' ~2,700 tokens); the loss (forward and backward over the 8 rows, 19-46 s) is the
-same both ways.
-``sample_s`` and ``groups_sampled`` come from the trainer's metrics.
+same both ways. ``sample_s`` and ``groups_sampled`` come from the trainer's metrics.
 """
 
 from __future__ import annotations
