@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from keye.synthetic import DIRECTIONS
 
 __all__ = [
+    "COUNT_WORDS",
     "MAX_COUNT",
     "cached_examples",
     "collate",
@@ -28,11 +29,14 @@ __all__ = [
     "token_xy",
 ]
 
-MAX_COUNT = 4
+# a frame's count class, and the word its background tokens hold for it (`keye.pretrain.labels.WordTargets`)
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+MAX_COUNT = len(COUNT_WORDS) - 1  # more objects count as this many
 _EXAMPLES_VERSION = 2  # 2: on-screen text targets
 
 
-def label_vocab():
+def label_vocab() -> tuple[list[str], list[str], list[str], list[str]]:
+    """The label heads' classes: colours, shapes, colour-shape pairs ("red circle") and backgrounds."""
     from keye.synthetic import BACKGROUNDS, COLOURS, SHAPES
 
     colours, shapes = list(COLOURS), list(SHAPES)

@@ -60,6 +60,7 @@ from torch import nn
 
 from keye.errors import ConfigError, KeyeInputError
 from keye.pretrain.label_examples import (
+    COUNT_WORDS,
     MAX_COUNT,
     cached_examples,
     collate,
@@ -81,9 +82,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# a frame's count, in the words its background tokens hold
-COUNT_WORDS = ("zero", "one", "two", "three", "four")
 
 
 @dataclass
